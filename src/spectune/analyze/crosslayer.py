@@ -1,0 +1,50 @@
+"""Cross-layer metrics of seed 000: how a matrix relates to the rest of the model.
+
+- ``cs_metric``: mean cosine similarity of the flattened matrix with every other
+  matrix of the same shape (cosine only exists between equal-length vectors; the
+  same-shape group, e.g. all q_proj, is the natural comparison set).
+- ``ce_metric`` (default ``histogram`` mode): mean cross-entropy
+  H(p_l, p_i) = -sum_j p_l(j) log(p_i(j) + eps) between this matrix's weight-value
+  distribution and every other matrix's. Values are divided by the matrix's RMS and
+  binned on one shared grid, so the distribution is defined for every pair of
+  layers whatever their shapes, and (like the seed's |w| / sum |w|) it does not
+  change when a matrix is rescaled.
+- ``ce_metric`` in ``elementwise`` mode: the seed's literal reading, p = |w| / sum |w|
+  over element positions, between same-shape matrices only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+CE_EPS = 1e-10  # the seed's constant against log(0)
+HIST_RANGE = 8.0  # grid spans +-8 RMS; values beyond fall in the edge bins
+
+
+def value_histogram(w: torch.Tensor, bins: int = 256) -> np.ndarray:
+    """Probability histogram of w / rms(w) on the shared grid [-HIST_RANGE, HIST_RANGE]."""
+    x = w.reshape(-1).to(torch.float32)
+    rms = torch.sqrt(torch.mean(x.double() ** 2)).item()
+    z = (x / rms).clamp_(-HIST_RANGE, HIST_RANGE)
+    h = torch.histc(z, bins=bins, min=-HIST_RANGE, max=HIST_RANGE).double().numpy()
+    return h / h.sum()
+
+
+def cross_entropy_matrix(p: np.ndarray, eps: float = CE_EPS) -> np.ndarray:
+    """H[l, i] = -sum_j p[l, j] log(p[i, j] + eps) for rows of probability vectors."""
+    return -(p @ np.log(p + eps).T)
+
+
+def mean_off_diagonal(m: np.ndarray) -> np.ndarray:
+    """Row means excluding the diagonal (NaN where a row has no partner)."""
+    k = m.shape[0]
+    if k < 2:
+        return np.full(k, np.nan)
+    return (m.sum(axis=1) - np.diag(m)) / (k - 1)
+
+
+def cosine_from_dots(dots: np.ndarray) -> np.ndarray:
+    """Cosine similarity matrix from a matrix of inner products (diagonal = squared norms)."""
+    norms = np.sqrt(np.diag(dots))
+    return dots / np.outer(norms, norms)

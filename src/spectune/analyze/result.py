@@ -1,0 +1,180 @@
+"""The outcome of an analysis: one row per matrix, summaries, and the spectra behind them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from spectune import _io
+
+IDENTITY = ["name", "module_type", "layer_index", "rows", "cols", "numel", "dtype", "tied_to", "status", "note"]
+SPECTRUM = [
+    "n_evals",
+    "numerical_rank",
+    "frobenius_norm",
+    "spectral_norm",
+    "stable_rank",
+    "top_eig_ratio",
+    "effective_rank",
+    "spectral_entropy",
+    "log_norm",
+    "log_spectral_norm",
+    "condition_number",
+    "svd_metric",
+    "mean_singular_value",
+]
+TAIL = ["alpha_hill", "alpha", "alpha_xmin", "alpha_ks_distance", "alpha_weighted", "log_alpha_norm"]
+RMT = ["mp_sigma", "mp_bulk_max", "num_spikes", "mp_softrank", "snr", "rand_distance"]
+CROSS = ["ce_metric", "cs_metric"]
+COLUMNS = IDENTITY + SPECTRUM + TAIL + RMT + CROSS
+METRICS = SPECTRUM + TAIL + RMT + CROSS
+# the metrics most people read first; summaries and plots use these
+KEY_METRICS = [
+    "stable_rank",
+    "spectral_norm",
+    "effective_rank",
+    "alpha_hill",
+    "alpha",
+    "num_spikes",
+    "snr",
+    "svd_metric",
+    "ce_metric",
+    "cs_metric",
+]
+STATUSES = ("ok", "too_small", "nonfinite", "zero", "quantized", "unreadable")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AnalysisResult:
+    """Per-matrix metrics (``metrics``), their summaries, and the eigenvalues they came from."""
+
+    metrics: pd.DataFrame
+    spectra: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    model_config: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]], **kw: Any) -> AnalysisResult:
+        df = pd.DataFrame(rows, columns=COLUMNS)
+        df["layer_index"] = df["layer_index"].astype("Int64")
+        for c in ("rows", "cols", "numel"):
+            df[c] = df[c].astype("int64")
+        for c in ("n_evals", "numerical_rank", "num_spikes"):
+            df[c] = df[c].astype("Float64").round().astype("Int64")
+        return cls(metrics=df, **kw)
+
+    # -- views ------------------------------------------------------------------------
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        """Rows whose fits are all defined."""
+        return self.metrics[self.metrics["status"] == "ok"]
+
+    def by_module_type(self) -> pd.DataFrame:
+        """Mean of the key metrics per module type, over matrices with status ok."""
+        return _grouped(self.ok, "module_type")
+
+    def by_block(self) -> pd.DataFrame:
+        """Mean of the key metrics per transformer block, over matrices with status ok."""
+        ok = self.ok.dropna(subset=["layer_index"])
+        return _grouped(ok, "layer_index")
+
+    def digest(self) -> str:
+        """Content hash of the metrics table; a plan records it to name the analysis it used."""
+        csv = self.metrics.to_csv(index=False, float_format="%.10g")
+        return hashlib.sha256(csv.encode()).hexdigest()[:16]
+
+    def summary(self) -> dict[str, Any]:
+        m = self.metrics
+        ok = self.ok
+        model: dict[str, Any] = {
+            "source": self.source,
+            "digest": self.digest(),
+            "n_matrices": int(len(m)),
+            "n_parameters": int(m["numel"].sum()),
+            "status_counts": {s: int(n) for s, n in m["status"].value_counts().items()},
+            "n_tied": int((m["tied_to"] != "").sum()),
+        }
+        for c in KEY_METRICS + ["alpha_weighted", "log_norm", "log_spectral_norm", "rand_distance"]:
+            vals = pd.to_numeric(ok[c], errors="coerce").astype(float)
+            vals = vals[np.isfinite(vals)]
+            model[f"mean_{c}"] = float(vals.mean()) if len(vals) else None
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": model,
+            "by_module_type": _records(self.by_module_type()),
+            "by_block": _records(self.by_block()),
+            "config": self.config,
+            "timings": self.timings,
+        }
+
+    # -- persistence ------------------------------------------------------------------
+
+    def save(self, out_dir: str | Path) -> Path:
+        """metrics.parquet, metrics.csv, summary.json and spectra.npz, each written atomically."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with _io.atomic_path(out / "metrics.parquet") as tmp:
+            self.metrics.to_parquet(tmp, index=False)
+        with _io.atomic_path(out / "metrics.csv") as tmp:
+            self.metrics.to_csv(tmp, index=False)
+        _io.write_json(out / "summary.json", self.summary())
+        _io.write_json(out / "analysis.json", {"source": self.source, "model_config": self.model_config})
+        with _io.atomic_path(out / "spectra.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **{_key(k): v for k, v in self.spectra.items()})
+        return out
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> AnalysisResult:
+        """Read a saved analysis back (no pickles: parquet, JSON and a plain-array npz)."""
+        out = Path(out_dir)
+        path = out / "metrics.parquet"
+        if not path.exists():
+            raise FileNotFoundError(f"no saved analysis in {out} (metrics.parquet missing)")
+        df = pd.read_parquet(path)
+        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+        meta = json.loads((out / "analysis.json").read_text()) if (out / "analysis.json").exists() else {}
+        spectra: dict[str, np.ndarray] = {}
+        if (out / "spectra.npz").exists():
+            with np.load(out / "spectra.npz", allow_pickle=False) as z:
+                names = {_key(n): n for n in df["name"]}
+                spectra = {names.get(k, k): z[k] for k in z.files}
+        return cls(
+            metrics=df,
+            spectra=spectra,
+            source=meta.get("source", summary.get("model", {}).get("source", "")),
+            config=summary.get("config", {}),
+            model_config=meta.get("model_config", {}),
+            timings=summary.get("timings", {}),
+        )
+
+
+def _key(name: str) -> str:
+    return name.replace("/", "|")
+
+
+def _grouped(df: pd.DataFrame, by: str) -> pd.DataFrame:
+    cols = [c for c in KEY_METRICS if c in df]
+    if df.empty:
+        return pd.DataFrame(columns=[by, "count", *cols])
+    num = df[cols].apply(pd.to_numeric, errors="coerce").astype(float)
+    num = num.replace([np.inf, -np.inf], np.nan)
+    num[by] = df[by]
+    g = num.groupby(by, sort=True)
+    out = g.mean()
+    out.insert(0, "count", g.size())
+    return out.reset_index()
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return _io.to_jsonable(df.astype(object).where(df.notna(), None).to_dict(orient="records"))

@@ -1,0 +1,325 @@
+"""Where weights come from: a loaded module, a model folder, a safetensors file, a GGUF file.
+
+Each source lists its matrices as ``WeightRef`` objects whose ``load()`` reads
+one tensor on demand, so a folder of shards is streamed one tensor at a time and
+the whole model never sits in memory. Every matrix comes back in (out, in)
+orientation (GPT-2's Conv1D stores (in, out) and is transposed here), as float.
+Nothing here unpickles: safetensors and GGUF only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spectune.analyze.naming import module_type
+
+
+class SourceError(ValueError):
+    """A model source that cannot be read: the message says what and where."""
+
+
+# safetensors dtype names that hold real numbers; anything else (I8, U8, I32...) is a
+# quantized or packed encoding whose values are not the weights themselves.
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+# GPT-2 family Conv1D layers store weight as (in_features, out_features).
+_CONV1D_NAME = re.compile(r"(c_attn|c_proj|c_fc)\.weight$")
+_CONV1D_MODELS = {"gpt2", "gpt_bigcode", "openai-gpt", "imagegpt", "decision_transformer"}
+
+
+@dataclass
+class WeightRef:
+    """One weight matrix of a model, readable on demand."""
+
+    name: str
+    shape: tuple[int, ...]  # canonical (out, in) for 2-D weights
+    dtype: str
+    loader: Callable[[], torch.Tensor]
+    tied_to: tuple[str, ...] = ()
+    quantized: bool = False
+
+    @property
+    def rows(self) -> int:
+        return int(self.shape[0])
+
+    @property
+    def cols(self) -> int:
+        return int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    def load(self) -> torch.Tensor:
+        """The matrix as a 2-D tensor (higher-rank weights are flattened to (out, rest))."""
+        t = self.loader()
+        return t.reshape(t.shape[0], -1) if t.ndim > 2 else t
+
+
+@dataclass
+class WeightSource:
+    """An opened model: its identity, config and matrix references; close() releases files."""
+
+    identity: str
+    refs: list[WeightRef]
+    config: dict[str, Any] = field(default_factory=dict)
+    _stack: ExitStack = field(default_factory=ExitStack, repr=False)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> WeightSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_source(model: Any, trust_remote_code: bool = False) -> WeightSource:
+    """Open a module, a path (folder, .safetensors, .gguf) or a built-in alias."""
+    if isinstance(model, torch.nn.Module):
+        return from_module(model)
+    if isinstance(model, (str, os.PathLike)):
+        text = str(model)
+        from spectune.analyze import builtin
+
+        if text in builtin.ALIASES:
+            return open_source(builtin.resolve(text), trust_remote_code=trust_remote_code)
+        path = Path(text).expanduser()
+        if not path.exists():
+            known = ", ".join(sorted(builtin.ALIASES))
+            raise SourceError(f"model not found: '{text}' is neither an existing path nor a built-in alias ({known})")
+        if path.is_dir():
+            return from_folder(path)
+        if path.suffix == ".safetensors":
+            return from_safetensors_files([path], identity=str(path))
+        if path.suffix == ".gguf":
+            return from_gguf(path)
+        raise SourceError(
+            f"unsupported model file '{path}': spectune reads .safetensors and .gguf files "
+            "(pickled .bin/.pt checkpoints are not loaded: convert them to safetensors)"
+        )
+    raise SourceError(f"cannot analyze an object of type {type(model).__name__}")
+
+
+# --- loaded modules ---------------------------------------------------------------
+
+
+def from_module(model: torch.nn.Module) -> WeightSource:
+    """Matrices of a loaded model; parameters sharing storage are listed once, as tied."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        Conv1D = ()  # type: ignore[assignment]
+    conv1d_params = {
+        f"{mname}.weight" if mname else "weight"
+        for mname, mod in model.named_modules()
+        if isinstance(mod, Conv1D)
+    }
+    first_by_storage: dict[tuple[int, tuple[int, ...]], str] = {}
+    ties: dict[str, list[str]] = {}
+    order: list[tuple[str, torch.nn.Parameter]] = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param.ndim < 2 or (not param.dtype.is_floating_point and not _is_weight_name(name)):
+            continue
+        key = (param.data_ptr(), tuple(param.shape))
+        if key in first_by_storage:
+            ties[first_by_storage[key]].append(name)
+            continue
+        first_by_storage[key] = name
+        ties[name] = []
+        order.append((name, param))
+    refs = []
+    for name, param in order:
+        transpose = name in conv1d_params
+        shape = tuple(param.shape)
+        if transpose:
+            shape = (shape[1], shape[0])
+
+        def loader(p: torch.nn.Parameter = param, t: bool = transpose) -> torch.Tensor:
+            w = p.detach()
+            return w.t() if t else w
+
+        refs.append(
+            WeightRef(
+                name=name,
+                shape=shape,
+                dtype=str(param.dtype).removeprefix("torch."),
+                loader=loader,
+                tied_to=tuple(ties[name]),
+                quantized=not (param.dtype.is_floating_point),
+            )
+        )
+    cfg = getattr(model, "config", None)
+    config = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    identity = config.get("_name_or_path") or type(model).__name__
+    return WeightSource(identity=str(identity), refs=refs, config=config)
+
+
+# --- safetensors files and folders ---------------------------------------------------
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SourceError(f"malformed config.json in {folder}: {err}") from err
+
+
+def from_folder(folder: Path) -> WeightSource:
+    """A Hugging Face model folder: sharded (with an index) or single-file safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise SourceError(f"malformed shard index {index}: {err}") from err
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).exists()]
+        if missing:
+            raise SourceError(f"shard index {index} names missing file(s): {', '.join(missing)}")
+        files = [folder / s for s in shards]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            ggufs = sorted(folder.glob("*.gguf"))
+            if ggufs:
+                return from_gguf(ggufs[0])
+            bins = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+            hint = f" (found pickled {', '.join(bins)}: convert to safetensors)" if bins else ""
+            raise SourceError(f"no .safetensors or .gguf weights in folder {folder}{hint}")
+    return from_safetensors_files(files, identity=str(folder), config=_read_config(folder))
+
+
+def from_safetensors_files(
+    files: list[Path], identity: str, config: dict[str, Any] | None = None
+) -> WeightSource:
+    from safetensors import SafetensorError, safe_open
+
+    config = config or {}
+    stack = ExitStack()
+    transpose_conv1d = config.get("model_type") in _CONV1D_MODELS
+    refs: list[WeightRef] = []
+    try:
+        for path in files:
+            try:
+                handle = stack.enter_context(safe_open(str(path), framework="pt"))
+            except (SafetensorError, OSError, ValueError) as err:
+                raise SourceError(f"cannot read safetensors file {path}: {err} (truncated or corrupt?)") from err
+            for name in handle.keys():
+                sl = handle.get_slice(name)
+                shape = tuple(int(d) for d in sl.get_shape())
+                if len(shape) < 2:
+                    continue
+                dtype = str(sl.get_dtype())
+                if dtype not in _FLOAT_DTYPES and not _is_weight_name(name):
+                    continue  # integer buffers (position_ids...) are bookkeeping, not weights
+                transpose = transpose_conv1d and bool(_CONV1D_NAME.search(name)) and len(shape) == 2
+                if transpose:
+                    shape = (shape[1], shape[0])
+                refs.append(
+                    WeightRef(
+                        name=name,
+                        shape=shape,
+                        dtype=dtype,
+                        loader=_safetensors_loader(handle, name, path, transpose),
+                        quantized=dtype not in _FLOAT_DTYPES,
+                    )
+                )
+    except Exception:
+        stack.close()
+        raise
+    _mark_file_ties(refs, config)
+    return WeightSource(identity=identity, refs=refs, config=config, _stack=stack)
+
+
+def _is_weight_name(name: str) -> bool:
+    """Packed quantized weights keep 'weight' in their names (weight, qweight, weight_packed)."""
+    return "weight" in name.rsplit(".", 1)[-1]
+
+
+def _safetensors_loader(handle: Any, name: str, path: Path, transpose: bool) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        try:
+            t = handle.get_tensor(name)
+        except Exception as err:  # safetensors raises its own error types
+            raise SourceError(f"cannot read tensor '{name}' from {path}: {err}") from err
+        return t.t() if transpose else t
+
+    return load
+
+
+def _mark_file_ties(refs: list[WeightRef], config: dict[str, Any]) -> None:
+    """A causal LM with tied embeddings saves the shared matrix once; say so on that row."""
+    if not config.get("tie_word_embeddings", False):
+        return
+    archs = config.get("architectures") or []
+    if not any("CausalLM" in a or "LMHead" in a for a in archs):
+        return
+    heads = [r for r in refs if module_type(r.name) == "lm_head"]
+    embeds = [r for r in refs if module_type(r.name) == "embedding" and "position" not in r.name]
+    if not embeds:
+        return
+    if heads:
+        # both were saved: analyze the embedding, report the head as tied to it
+        for h in heads:
+            if h.shape == embeds[0].shape:
+                refs.remove(h)
+                embeds[0].tied_to += (h.name,)
+    else:
+        embeds[0].tied_to += ("lm_head.weight",)
+
+
+# --- GGUF ---------------------------------------------------------------------------
+
+
+def from_gguf(path: Path) -> WeightSource:
+    """A GGUF file; quantized blocks are dequantized one tensor at a time with the gguf package."""
+    import gguf
+    from gguf.quants import dequantize
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as err:
+        raise SourceError(f"cannot read GGUF file {path}: {err} (truncated or corrupt?)") from err
+    refs: list[WeightRef] = []
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+        if len(shape) < 2:
+            continue
+
+        def loader(t: Any = t, shape: tuple[int, ...] = shape) -> torch.Tensor:
+            arr = dequantize(t.data, t.tensor_type)
+            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
+
+        refs.append(WeightRef(name=t.name, shape=shape, dtype=t.tensor_type.name, loader=loader))
+    config: dict[str, Any] = {}
+    try:
+        config["architecture"] = reader.fields["general.architecture"].contents()
+    except Exception:  # metadata is optional for analysis
+        pass
+    names = {r.name for r in refs}
+    if "output.weight" not in names:
+        for r in refs:
+            if r.name == "token_embd.weight":
+                r.tied_to = ("output.weight",)
+    return WeightSource(identity=str(path), refs=refs, config=config)
+
+
+def iter_matrices(source: WeightSource) -> Iterator[tuple[WeightRef, torch.Tensor]]:
+    """Convenience for tests and small models: every matrix, loaded one at a time."""
+    for ref in source.refs:
+        if not ref.quantized:
+            yield ref, ref.load()

@@ -1,0 +1,117 @@
+"""Per-matrix metrics derived from one spectrum.
+
+Everything here is a pure function of the eigenvalues ``lam`` of W^T W (the
+squared singular values, ascending) and the matrix shape, so one eigenvalue
+computation feeds every metric. Definitions and sources: docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from spectune.analyze import marchenko_pastur, powerlaw
+
+# Eigenvalues at or below this are treated as zero when fitting power laws
+# (WeightWatcher's EVALS_THRESH, kept so the alpha cross-check compares like with like).
+EVALS_THRESH = 1e-5
+# Single-precision weights: singular values below s_max * max(N, M) * eps32 are numerically zero
+# (numpy.linalg.matrix_rank's rule, also WeightWatcher's).
+RANK_EPS = float(np.finfo(np.float32).eps)
+
+
+def numerical_rank(s: np.ndarray, rows: int, cols: int) -> int:
+    if s.size == 0 or s[-1] <= 0:
+        return 0
+    return int(np.count_nonzero(s > s[-1] * max(rows, cols) * RANK_EPS))
+
+
+def norm_metrics(lam: np.ndarray, rows: int, cols: int) -> dict[str, float]:
+    """Norms, ranks and entropies: exact for any non-zero matrix, however small."""
+    s = np.sqrt(lam)
+    total = float(lam.sum())
+    lmax = float(lam[-1])
+    rank = numerical_rank(s, rows, cols)
+    p = lam[lam > 0] / total
+    h = float(-(p * np.log(p)).sum())
+    s_desc = s[::-1]
+    ps = s_desc / s_desc.sum()
+    n = s.size
+    return {
+        "n_evals": n,
+        "frobenius_norm": math.sqrt(total),
+        "spectral_norm": math.sqrt(lmax),
+        "stable_rank": total / lmax,
+        "top_eig_ratio": lmax / total,
+        "numerical_rank": rank,
+        "spectral_entropy": h / math.log(rank) if rank > 1 else 0.0,
+        "effective_rank": math.exp(h),
+        "log_norm": math.log10(total),
+        "log_spectral_norm": math.log10(lmax),
+        "condition_number": float(s[-1] / s[0]) if s[0] > 0 else math.inf,
+        # seed 000, read as in seed-notes: rank-weighted share of the singular-value mass
+        "svd_metric": float((np.arange(1, n + 1) / n * ps).sum()),
+        "mean_singular_value": float(s.mean()),
+    }
+
+
+def tail_metrics(lam: np.ndarray, rows: int, cols: int, tw_margin: bool = False) -> dict[str, float]:
+    """Power-law and random-matrix fits; need enough eigenvalues to mean anything."""
+    lmax = float(lam[-1])
+    fit_lam = lam[lam > EVALS_THRESH]
+    out: dict[str, float] = {}
+    if fit_lam.size >= 2:
+        med = powerlaw.fit_median(fit_lam)
+        ks = powerlaw.fit_ks(fit_lam)
+    else:
+        med = ks = powerlaw.PowerLawFit(math.nan, math.nan, math.nan, 0)
+    out["alpha_hill"] = med.alpha
+    out["alpha"] = ks.alpha
+    out["alpha_xmin"] = ks.xmin
+    out["alpha_ks_distance"] = ks.ks_distance
+    out["alpha_weighted"] = ks.alpha * math.log10(lmax)
+    out["log_alpha_norm"] = (
+        float(math.log10(np.sum(lam[lam > 0] ** ks.alpha))) if np.isfinite(ks.alpha) else math.nan
+    )
+    mp = marchenko_pastur.fit_mp(lam, rows, cols, tw_margin=tw_margin)
+    out["mp_sigma"] = mp.sigma
+    out["mp_bulk_max"] = mp.bulk_max
+    out["num_spikes"] = mp.num_spikes
+    out["mp_softrank"] = mp.softrank
+    out["snr"] = spectrum_snr(np.sqrt(lam), rows, cols)
+    return out
+
+
+def spectrum_snr(s: np.ndarray, rows: int, cols: int) -> float:
+    """Signal-to-noise ratio as the Spectrum layer-selection tool computes it.
+
+    sigma_hat = IQR(s) / 1.349 (a Gaussian's IQR in sigmas), threshold
+    sigma_hat (1 + sqrt(beta)) with beta = min/max dimension, then
+    (sum of s above / sum of s below) / s_max.
+    """
+    q25, q75 = np.quantile(s, [0.25, 0.75])
+    sigma_hat = (q75 - q25) / 1.349
+    beta = min(rows, cols) / max(rows, cols)
+    thr = sigma_hat * (1 + math.sqrt(beta))
+    signal = float(s[s > thr].sum())
+    noise = float(s[s <= thr].sum())
+    if noise == 0:
+        return math.inf
+    return signal / noise / float(s[-1])
+
+
+def esd_distance(lam_a: np.ndarray, lam_b: np.ndarray, bins: int = 100) -> float:
+    """Jensen-Shannon distance (base 2, in [0, 1]) between two spectra's log10-eigenvalue histograms."""
+    from scipy.spatial.distance import jensenshannon
+
+    a = np.log10(lam_a[lam_a > 0])
+    b = np.log10(lam_b[lam_b > 0])
+    if a.size == 0 or b.size == 0:
+        return math.nan
+    lo, hi = min(a.min(), b.min()), max(a.max(), b.max())
+    if hi <= lo:
+        return 0.0
+    ha, _ = np.histogram(a, bins=bins, range=(lo, hi))
+    hb, _ = np.histogram(b, bins=bins, range=(lo, hi))
+    return float(jensenshannon(ha, hb, base=2))
