@@ -302,7 +302,7 @@ def from_gguf(path: Path) -> WeightSource:
 
         def loader(t: Any = t, shape: tuple[int, ...] = shape) -> torch.Tensor:
             arr = dequantize(t.data, t.tensor_type)
-            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
+            return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True).reshape(shape))
 
         refs.append(WeightRef(name=t.name, shape=shape, dtype=t.tensor_type.name, loader=loader))
     config: dict[str, Any] = {}

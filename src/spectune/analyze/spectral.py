@@ -71,9 +71,7 @@ def tail_metrics(lam: np.ndarray, rows: int, cols: int, tw_margin: bool = False)
     out["alpha_xmin"] = ks.xmin
     out["alpha_ks_distance"] = ks.ks_distance
     out["alpha_weighted"] = ks.alpha * math.log10(lmax)
-    out["log_alpha_norm"] = (
-        float(math.log10(np.sum(lam[lam > 0] ** ks.alpha))) if np.isfinite(ks.alpha) else math.nan
-    )
+    out["log_alpha_norm"] = log_alpha_norm(lam, ks.alpha)
     mp = marchenko_pastur.fit_mp(lam, rows, cols, tw_margin=tw_margin)
     out["mp_sigma"] = mp.sigma
     out["mp_bulk_max"] = mp.bulk_max
@@ -81,6 +79,16 @@ def tail_metrics(lam: np.ndarray, rows: int, cols: int, tw_margin: bool = False)
     out["mp_softrank"] = mp.softrank
     out["snr"] = spectrum_snr(np.sqrt(lam), rows, cols)
     return out
+
+
+def log_alpha_norm(lam: np.ndarray, alpha: float) -> float:
+    """log10 sum lam^alpha, summed in log space (lam^alpha overflows for large alpha)."""
+    from scipy.special import logsumexp
+
+    pos = lam[lam > 0]
+    if not np.isfinite(alpha) or pos.size == 0:
+        return math.nan
+    return float(logsumexp(alpha * np.log(pos)) / math.log(10))
 
 
 def spectrum_snr(s: np.ndarray, rows: int, cols: int) -> float:

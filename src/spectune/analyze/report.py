@@ -1,0 +1,323 @@
+"""Plots and a single-file HTML report of an analysis.
+
+The report is meant to be mailed, attached to a ticket or opened years later, so
+it is one HTML file with its images inlined as base64 PNGs and its CSS inline:
+no network, no JavaScript, nothing next to it that can go missing.
+
+Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas rather than
+through pyplot: nothing touches the global backend or pyplot's figure registry,
+so plotting works headless and never leaks figures however many are drawn.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from spectune import _io
+from spectune.analyze.result import COLUMNS, KEY_METRICS, AnalysisResult
+
+EsdMode = Literal["all", "summary", "none"]
+DPI = 90
+# "summary" mode stays readable (and the HTML a few MB at most) on models with hundreds of matrices
+MAX_SUMMARY_ESD = 40
+_OWN_PLOTS = ("esd_*.png", "depth_*.png")
+
+
+# -- plots ----------------------------------------------------------------------------
+
+
+def plot_esd(name: str, lam: np.ndarray, row: Mapping[str, Any], path: str | Path) -> Path:
+    """Eigenvalue density of one matrix on log-log axes, with the fits its metrics came from.
+
+    Drawn: a density histogram over log-spaced bins; the KS-chosen power law
+    p(lambda) = C lambda^-alpha for lambda >= xmin, normalised so its area equals
+    the share of eigenvalues in the tail (the continuous pdf the Hill estimator
+    fits, times n_tail / n), so it should lie on the histogram's tail; the
+    Marchenko-Pastur bulk edge; and the median-xmin Hill alpha in the legend.
+    Missing fits (NaN) are left out rather than drawn wrong.
+    """
+    lam = np.asarray(lam, dtype=np.float64)
+    pos = lam[lam > 0]
+    fig, ax = _figure((6.0, 4.0))
+    if pos.size == 0:
+        ax.text(0.5, 0.5, "no positive eigenvalues", ha="center", va="center", transform=ax.transAxes)
+    else:
+        lo, hi = float(pos.min()), float(pos.max())
+        if hi <= lo:  # one distinct value: give the bin some width
+            lo, hi = lo / 1.5, hi * 1.5
+        n_bins = int(np.clip(2 * math.sqrt(pos.size), 10, 100))
+        bins = np.logspace(math.log10(lo), math.log10(hi), n_bins + 1)
+        density, edges = np.histogram(pos, bins=bins, density=True)
+        ax.stairs(density, edges, fill=True, alpha=0.45, color="tab:blue", label=f"ESD ({pos.size} eigenvalues)")
+
+        alpha, xmin = _num(row, "alpha"), _num(row, "alpha_xmin")
+        if math.isfinite(alpha) and alpha > 1 and math.isfinite(xmin) and xmin > 0:
+            tail_share = np.count_nonzero(pos >= xmin) / pos.size
+            x = np.logspace(math.log10(xmin), math.log10(max(hi, xmin * 1.01)), 50)
+            y = tail_share * (alpha - 1) / xmin * (x / xmin) ** -alpha
+            ax.plot(x, y, color="tab:red", lw=2, label=f"power law alpha={alpha:.3g} (KS xmin={xmin:.3g})")
+            ax.axvline(xmin, color="tab:red", ls=":", lw=1)
+
+        edge = _num(row, "mp_bulk_max")
+        if math.isfinite(edge) and edge > 0:
+            spikes = _num(row, "num_spikes")
+            extra = f", {int(spikes)} spikes above" if math.isfinite(spikes) else ""
+            ax.axvline(edge, color="tab:green", ls="--", lw=1.5, label=f"MP bulk edge {edge:.3g}{extra}")
+
+    hill = _num(row, "alpha_hill")
+    hill_text = f"{hill:.3g}" if math.isfinite(hill) else "n/a"
+    ax.plot([], [], " ", label=f"Hill alpha (median xmin) = {hill_text}")
+    if pos.size:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue lambda = s^2 of W^T W")
+    ax.set_ylabel("density")
+    status = str(row.get("status", ""))
+    ax.set_title(_shorten(name, 70) + ("" if status in ("ok", "") else f"  [{status}]"), fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def plot_depth(metrics_df: pd.DataFrame, metric: str, path: str | Path) -> Path:
+    """``metric`` against block index, one line per module type: trends with depth at a glance.
+
+    Only matrices with status ok inside a numbered block are drawn; other rows
+    have either no fit or no depth.
+    """
+    data = _depth_data(metrics_df, metric)
+    fig, ax = _figure((6.0, 3.6))
+    if data.empty:
+        ax.text(0.5, 0.5, f"no finite {metric} in numbered blocks", ha="center", va="center", transform=ax.transAxes)
+    for kind, part in data.groupby("module_type", sort=True):
+        part = part.sort_values("layer_index")
+        ax.plot(part["layer_index"], part["value"], marker="o", ms=4, lw=1.2, label=str(kind))
+    ax.set_xlabel("layer_index (block)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} by depth", fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if not data.empty:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path)
+
+
+def _depth_data(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """(module_type, layer_index, value) of ok rows in a block with a finite ``metric``."""
+    rows = df[(df["status"] == "ok") & df["layer_index"].notna()]
+    value = pd.to_numeric(rows[metric], errors="coerce").astype(float)
+    out = pd.DataFrame(
+        {"module_type": rows["module_type"], "layer_index": rows["layer_index"].astype(float), "value": value}
+    )
+    return out[np.isfinite(out["value"])]
+
+
+def _figure(size: tuple[float, float]) -> tuple[Figure, Any]:
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    fig.clear()  # not in pyplot's registry, so this is all "closing" needs
+    return _io.write_bytes(path, buf.getvalue())
+
+
+# -- which spectra to draw ------------------------------------------------------------
+
+
+def esd_names(result: AnalysisResult, esd: EsdMode = "summary") -> list[str]:
+    """Matrices whose ESD the report draws, in table order.
+
+    ``summary`` keeps, per module type, the first, middle and last block (where
+    depth trends show), then fills up with matrices outside the blocks
+    (embeddings, lm_head, other) up to MAX_SUMMARY_ESD.
+    """
+    if esd not in ("all", "summary", "none"):
+        raise ValueError(f"esd must be 'all', 'summary' or 'none', not {esd!r}")
+    df = result.metrics
+    df = df[df["name"].isin(result.spectra.keys())]
+    if esd == "none":
+        return []
+    if esd == "all":
+        return list(df["name"])
+    in_block = df[df["layer_index"].notna()]
+    picked: list[str] = []
+    for _, part in in_block.groupby("module_type", sort=True):
+        blocks = sorted(part["layer_index"].unique())
+        for b in dict.fromkeys([blocks[0], blocks[len(blocks) // 2], blocks[-1]]):
+            picked.append(part.loc[part["layer_index"] == b, "name"].iloc[0])
+    picked = picked[:MAX_SUMMARY_ESD]
+    for name in df.loc[df["layer_index"].isna(), "name"]:
+        if len(picked) >= MAX_SUMMARY_ESD:
+            break
+        picked.append(name)
+    keep = set(picked)
+    return [n for n in df["name"] if n in keep]
+
+
+# -- the report -----------------------------------------------------------------------
+
+
+def write_report(result: AnalysisResult, out_dir: str | Path, esd: EsdMode = "summary") -> Path:
+    """Write ``out_dir/plots/*.png`` and a self-contained ``out_dir/report.html``; return the HTML path.
+
+    Plots left in ``plots/`` by an earlier report (our own ``esd_*``/``depth_*``
+    names) that this run did not redraw are removed, so the folder always
+    matches the HTML.
+    """
+    names = esd_names(result, esd)  # validates esd before anything is written
+    out = Path(out_dir)
+    plots = out / "plots"
+    df = result.metrics
+
+    depth: list[tuple[str, Path]] = []
+    for metric in KEY_METRICS:
+        if metric in df and not _depth_data(df, metric).empty:
+            depth.append((metric, plot_depth(df, metric, plots / f"depth_{_safe(metric)}.png")))
+
+    rows = df.set_index("name", drop=False)
+    spectra: list[tuple[str, Path]] = []
+    for i, name in enumerate(names):
+        path = plots / f"esd_{i:03d}_{_safe(name)}.png"
+        spectra.append((name, plot_esd(name, result.spectra[name], rows.loc[name], path)))
+
+    written = {p for _, p in depth + spectra}
+    for pattern in _OWN_PLOTS:
+        for stale in plots.glob(pattern):
+            if stale not in written:
+                stale.unlink()
+
+    return _io.write_text(out / "report.html", _html(result, depth, spectra, esd))
+
+
+def _html(
+    result: AnalysisResult, depth: list[tuple[str, Path]], spectra: list[tuple[str, Path]], esd: str
+) -> str:
+    summary = result.summary()
+    model = dict(summary["model"])
+    counts = model.pop("status_counts", {})
+    df = result.metrics
+    bad = df[df["status"] != "ok"]
+    esc = html.escape
+    source = result.source or "(in-memory model)"
+
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>spectune report: {esc(source)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>spectune report</h1><p class=source>{esc(source)}</p>",
+        "<h2>Model summary</h2>",
+        _table(pd.DataFrame({"quantity": list(model), "value": list(model.values())})),
+        "<h2>Matrix status</h2>",
+        "<p>" + ", ".join(f"<b>{esc(str(s))}</b>: {n}" for s, n in counts.items()) + "</p>",
+    ]
+    if bad.empty:
+        parts.append(f"<p>All {len(df)} matrices have status ok.</p>")
+    else:
+        parts.append(f"<p class=warn>{len(bad)} matrices are not ok; their fits are missing or partial:</p>")
+        parts.append(_table(bad[["name", "module_type", "layer_index", "rows", "cols", "status", "note"]], flag=True))
+    parts += [
+        "<h2>By module type</h2><p>Means over matrices with status ok.</p>",
+        _table(result.by_module_type()),
+        "<h2>By block</h2><p>Means over matrices with status ok.</p>",
+        _table(result.by_block()),
+        "<h2>Metrics by depth</h2>",
+        _gallery(depth, "depth") if depth else "<p>No numbered blocks with finite key metrics.</p>",
+        f"<h2>Eigenvalue spectra (esd={esc(esd)}, {len(spectra)} plots)</h2>",
+        "<p>Histogram of eigenvalues of W<sup>T</sup>W; red: power law fitted above the KS-chosen xmin "
+        "(dotted); green dashed: Marchenko-Pastur bulk edge.</p>",
+        _gallery(spectra, "esd") if spectra else "<p>No ESD plots in this report.</p>",
+        "<h2>All matrices</h2>",
+        _table(df[[c for c in COLUMNS if c in df]], flag=True),
+        "<h2>Run</h2>",
+        "<details><summary>config and timings</summary><pre>"
+        + esc(json.dumps(_io.to_jsonable({"config": result.config, "timings": result.timings}), indent=2))
+        + "</pre></details>",
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _gallery(items: list[tuple[str, Path]], kind: str) -> str:
+    figs = []
+    for caption, path in items:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        alt = html.escape(f"{kind}: {caption}", quote=True)
+        figs.append(
+            f'<figure><img class="{kind}" alt="{alt}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    return '<div class="gallery">' + "".join(figs) + "</div>"
+
+
+def _table(df: pd.DataFrame, flag: bool = False) -> str:
+    """An HTML table with numbers at 4 significant digits; ``flag`` marks rows whose status is not ok."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = []
+    for rec in df.to_dict(orient="records"):
+        cls = ' class="bad"' if flag and rec.get("status", "ok") != "ok" else ""
+        cells = "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in rec.values())
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def _fmt(v: Any) -> str:
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _num(row: Mapping[str, Any], key: str) -> float:
+    """``row[key]`` as a float, NaN when missing or not a number (pd.NA, None)."""
+    try:
+        v = row.get(key)
+        return float(v) if v is not None and v is not pd.NA else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]
+
+
+def _shorten(text: str, n: int) -> str:
+    return text if len(text) <= n else "..." + text[-(n - 3) :]
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1400px;padding:0 1em;color:#222}
+h1{margin-bottom:0}.source{color:#555;font-family:monospace;margin-top:.2em}
+h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+.scroll{overflow-x:auto;max-height:80vh}
+table{border-collapse:collapse;font-size:12px}
+th,td{border:1px solid #ddd;padding:2px 6px;text-align:right;white-space:nowrap}
+th{background:#f3f3f3;position:sticky;top:0}td:first-child{text-align:left}
+tr.bad td{background:#fde2e2}.warn{color:#a00;font-weight:bold}
+.gallery{display:flex;flex-wrap:wrap;gap:10px}
+figure{margin:0;border:1px solid #eee;padding:4px}figure img{display:block;max-width:100%}
+figcaption{font-size:11px;color:#555;font-family:monospace;max-width:540px;overflow-wrap:anywhere}
+""".strip()

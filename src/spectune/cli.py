@@ -1,0 +1,109 @@
+"""The ``spectune`` command line: one sub-command per pipeline stage."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Spectral-guided fine-tuning toolkit.")
+console = Console(stderr=True)
+# tables are the command's output; a pipe gets a readable width rather than rich's 80 columns
+out_console = Console(width=None if Console().is_terminal else 160)
+
+
+@app.callback()
+def _main() -> None:
+    """spectune: analyze weight spectra, plan per-layer decisions, train, compare."""
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _table(title: str, df, columns: list[str]) -> Table:  # type: ignore[no-untyped-def]
+    t = Table(title=title, show_lines=False)
+    for c in columns:
+        t.add_column(c, justify="left" if c in ("module_type", "name", "status") else "right")
+    for rec in df[columns].to_dict(orient="records"):
+        t.add_row(*(_fmt(rec[c]) for c in columns))
+    return t
+
+
+@app.command()
+def analyze(
+    model: Annotated[str, typer.Argument(help="alias (minilm, smollm2-135m), HF folder, .safetensors or .gguf file")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("out/analysis"),
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="regex; analyze only matching names")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="regex; skip matching names")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="spectrum precision: float64 | float32")] = "float64",
+    method: Annotated[str, typer.Option(help="gram (eigvalsh of W^T W) | svd (svdvals)")] = "gram",
+    randomize: Annotated[bool, typer.Option(help="also compute rand_distance")] = False,
+    tw_margin: Annotated[bool, typer.Option(help="Tracy-Widom margin above the MP edge")] = False,
+    ce_mode: Annotated[str, typer.Option(help="histogram | elementwise")] = "histogram",
+    esd: Annotated[str, typer.Option(help="ESD plots: summary | all | none")] = "summary",
+    report: Annotated[bool, typer.Option(help="write plots and report.html")] = True,
+    trust_remote_code: Annotated[bool, typer.Option(help="allow model code from the folder")] = False,
+) -> None:
+    """Compute per-matrix spectral metrics and write tables, plots and an HTML report."""
+    from pydantic import ValidationError
+
+    from spectune.analyze import AnalysisConfig, SourceError
+    from spectune.analyze import analyze as run_analysis
+
+    try:
+        cfg = AnalysisConfig(
+            include=include or [],
+            exclude=exclude or [],
+            device=device,
+            dtype=dtype,
+            method=method,
+            randomize=randomize,
+            tw_margin=tw_margin,
+            ce_mode=ce_mode,
+            trust_remote_code=trust_remote_code,
+        )
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise typer.BadParameter(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    try:
+        result = run_analysis(model, cfg)
+    except (SourceError, ValueError, RuntimeError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    result.save(out)
+    written = ["metrics.parquet", "metrics.csv", "summary.json", "spectra.npz"]
+    if report:
+        from spectune.analyze.report import write_report
+
+        path = write_report(result, out, esd=esd)
+        written.append(str(path.relative_to(out)))
+    summary = result.summary()["model"]
+    by_type = result.by_module_type()
+    cols = [c for c in ["module_type", "count", "stable_rank", "alpha_hill", "alpha", "num_spikes", "snr", "cs_metric"] if c in by_type]
+    out_console.print(_table(f"{result.source}: mean metrics by module type (status ok)", by_type, cols))
+    bad = result.metrics[result.metrics["status"] != "ok"]
+    if len(bad):
+        out_console.print(_table("matrices without full metrics", bad, ["name", "status", "note"]))
+    counts = ", ".join(f"{k}={v}" for k, v in summary["status_counts"].items())
+    out_console.print(
+        f"{summary['n_matrices']} matrices ({counts}), {summary['n_parameters']:,} parameters, "
+        f"{result.timings.get('total_s', 0):.1f} s -> {out}/ ({', '.join(written)})"
+    )
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
