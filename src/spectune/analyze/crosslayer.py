@@ -37,11 +37,14 @@ def cross_entropy_matrix(p: np.ndarray, eps: float = CE_EPS) -> np.ndarray:
 
 
 def mean_off_diagonal(m: np.ndarray) -> np.ndarray:
-    """Row means excluding the diagonal (NaN where a row has no partner)."""
-    k = m.shape[0]
-    if k < 2:
-        return np.full(k, np.nan)
-    return (m.sum(axis=1) - np.diag(m)) / (k - 1)
+    """Row means over the other columns, skipping NaN (partners left out); NaN if none remain."""
+    off = m.astype(np.float64, copy=True)
+    np.fill_diagonal(off, np.nan)
+    valid = np.isfinite(off)
+    count = valid.sum(axis=1)
+    total = np.where(valid, off, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def cosine_from_dots(dots: np.ndarray) -> np.ndarray:

@@ -27,9 +27,9 @@ from spectune.analyze.sources import WeightRef, WeightSource, open_source
 
 def analyze(model: Any, config: AnalysisConfig | None = None, **options: Any) -> AnalysisResult:
     """Spectral metrics of every weight matrix of ``model`` (module, path or alias)."""
-    cfg = (config or AnalysisConfig()).model_copy(update=options) if options else (config or AnalysisConfig())
+    cfg = config or AnalysisConfig()
     if options:
-        cfg = AnalysisConfig.model_validate(cfg.model_dump())
+        cfg = AnalysisConfig.model_validate({**cfg.model_dump(), **options})
     t0 = time.perf_counter()
     with open_source(model, trust_remote_code=cfg.trust_remote_code) as source:
         result = _Run(source, cfg).run()
