@@ -4,7 +4,9 @@ The pipeline reads top to bottom: ``analyze`` (weight spectra) -> ``plan``
 (per-layer decisions) -> ``train`` (apply a plan) -> ``compare`` (evidence).
 """
 
-from spectune.analyze import AnalysisConfig, AnalysisResult, analyze
-
 __version__ = "0.1.0"
-__all__ = ["AnalysisConfig", "AnalysisResult", "__version__", "analyze"]
+
+from spectune.analyze import AnalysisConfig, AnalysisResult, analyze  # noqa: E402
+from spectune.plan import Plan, param_groups, plan  # noqa: E402
+
+__all__ = ["AnalysisConfig", "AnalysisResult", "Plan", "__version__", "analyze", "param_groups", "plan"]

@@ -101,6 +101,65 @@ def analyze(
     )
 
 
+def _parse_sets(pairs: list[str]) -> dict[str, object]:
+    """--set key=value pairs; values are read as YAML scalars/lists (1, 0.5, true, [svd, cs])."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in pairs:
+        if "=" not in item:
+            raise typer.BadParameter(f"--set expects key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def plan(
+    model: Annotated[Optional[str], typer.Argument(help="model as in analyze (omit with --from-analysis)")] = None,
+    policy: Annotated[str, typer.Option("--policy", "-p", help="uniform | phased | alpha-balance | adaptive-rank | select | stable-rank")] = "uniform",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="policy parameter key=value (repeatable)")] = None,
+    from_analysis: Annotated[Optional[Path], typer.Option(help="reuse a saved analysis folder")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="plan file to write")] = Path("plan.yaml"),
+    fmt: Annotated[str, typer.Option("--format", help="spectune | peft | axolotl")] = "spectune",
+    base_lr: Annotated[Optional[float], typer.Option(help="base learning rate for axolotl lr_groups")] = None,
+) -> None:
+    """Turn an analysis into per-layer decisions and write them as a plan file."""
+    from spectune.analyze import AnalysisResult, SourceError
+    from spectune.analyze import analyze as run_analysis
+    from spectune.plan import PlanError, axolotl_fragment, peft_kwargs, plan_table
+    from spectune.plan import plan as make_plan
+
+    if (model is None) == (from_analysis is None):
+        raise typer.BadParameter("give either MODEL or --from-analysis DIR")
+    try:
+        result = AnalysisResult.load(from_analysis) if from_analysis else run_analysis(model)
+        p = make_plan(result, policy, _parse_sets(set_ or []))
+        if fmt == "spectune":
+            p.save(out)
+        elif fmt == "peft":
+            from spectune import _io
+
+            _io.write_json(out, peft_kwargs(p))
+        elif fmt == "axolotl":
+            from spectune import _io
+
+            _io.write_text(out, axolotl_fragment(p, base_lr))
+        else:
+            raise typer.BadParameter(f"--format must be spectune, peft or axolotl, not '{fmt}'")
+    except (PlanError, SourceError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    table = plan_table(p, result)
+    cols = [c for c in ["name", "module_type", "lr_scale", "trainable", "lora_rank"] if c in table]
+    out_console.print(_table(f"plan: policy {policy} on {p.model}", table, cols))
+    for note in p.notes:
+        out_console.print(f"- {note}")
+    if p.excluded:
+        out_console.print(f"- base rate kept for {len(p.excluded)} matrices without the metric: {', '.join(p.excluded[:5])}")
+    out_console.print(f"plan written to {out} ({fmt})")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -60,8 +60,12 @@ def plot_esd(name: str, lam: np.ndarray, row: Mapping[str, Any], path: str | Pat
             lo, hi = lo / 1.5, hi * 1.5
         n_bins = int(np.clip(2 * math.sqrt(pos.size), 10, 100))
         bins = np.logspace(math.log10(lo), math.log10(hi), n_bins + 1)
+        bins[0], bins[-1] = lo, hi  # 10**log10(x) can miss x by an ulp and drop the extreme eigenvalues
         density, edges = np.histogram(pos, bins=bins, density=True)
-        ax.stairs(density, edges, fill=True, alpha=0.45, color="tab:blue", label=f"ESD ({pos.size} eigenvalues)")
+        # bars for the non-empty bins only: an empty bin has no place on a log density axis
+        nz = density > 0
+        ax.bar(edges[:-1][nz], density[nz], width=np.diff(edges)[nz], align="edge", alpha=0.45,
+               color="tab:blue", label=f"ESD ({pos.size} eigenvalues)")
 
         alpha, xmin = _num(row, "alpha"), _num(row, "alpha_xmin")
         if math.isfinite(alpha) and alpha > 1 and math.isfinite(xmin) and xmin > 0:

@@ -1,0 +1,89 @@
+"""Apply a plan to a live model: name matching and torch optimizer groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from spectune.plan.schema import Plan, PlanError
+
+
+def match_names(plan_names: list[str], model_names: list[str]) -> dict[str, str]:
+    """Map each plan name to the model's parameter name.
+
+    An analysis of a saved folder names ``encoder.layer.0...`` while the task model
+    wrapping it says ``bert.encoder.layer.0...`` (and PEFT adds ``base_model.model.``
+    and ``.base_layer``), so a plan name matches a model name exactly, else as the
+    unique dotted suffix of one.
+    """
+    canon = {m.replace(".base_layer.", "."): m for m in model_names}
+    exact = set(canon)
+    out: dict[str, str] = {}
+    bad: list[str] = []
+    for p in plan_names:
+        if p in exact:
+            out[p] = canon[p]
+            continue
+        hits = [c for c in canon if c.endswith("." + p)]
+        if len(hits) == 1:
+            out[p] = canon[hits[0]]
+        else:
+            bad.append(p if not hits else f"{p} (ambiguous: {', '.join(hits[:3])})")
+    if bad:
+        sample = ", ".join(sorted(model_names)[:5])
+        raise PlanError(
+            f"plan does not match the model: {len(bad)} of {len(plan_names)} plan parameters not found, "
+            f"first: {', '.join(bad[:5])}; the model has e.g. {sample}"
+        )
+    return out
+
+
+def param_groups(model: torch.nn.Module, plan: Plan, base_lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """One optimizer group per trainable parameter, named after it, with lr = base_lr * scale.
+
+    Per-parameter groups keep the mapping group -> matrix explicit, which is what
+    re-planning between epochs updates. 1-D parameters (biases, norms) take the
+    scale of the matrix in the same module under rule 'owner' (base rate if the
+    module has none, e.g. a LayerNorm) and no weight decay, the usual transformers
+    convention. Parameters the plan does not know (a freshly initialised task
+    head) train at the base rate.
+    """
+    all_names = [n for n, _ in model.named_parameters()]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = match_names(list(plan.lr_scale), all_names)
+    scale = {names[k]: v for k, v in plan.lr_scale.items()}
+    groups = []
+    for n, p in params:
+        s = scale.get(n)
+        if s is None and p.ndim < 2 and plan.one_d_rule == "owner":
+            owner = n.rsplit(".", 1)[0] + ".weight"
+            s = scale.get(owner)
+        s = 1.0 if s is None else s
+        groups.append(
+            {"params": [p], "name": n, "lr": base_lr * s, "lr_scale": s, "weight_decay": weight_decay if p.ndim >= 2 else 0.0}
+        )
+    return groups
+
+
+def apply_trainable(model: torch.nn.Module, plan: Plan) -> list[str]:
+    """Freeze the analyzed matrices the plan does not train; returns the model names left trainable.
+
+    Only matrices the plan lists are touched among those it knows: parameters the
+    analysis never saw (task heads) keep their requires_grad, and 1-D parameters
+    follow their module's matrix.
+    """
+    if plan.trainable is None:
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+    all_names = [n for n, _ in model.named_parameters()]
+    known = match_names(list(plan.lr_scale), all_names)
+    keep = {known[n] for n in match_names(plan.trainable, all_names)} if plan.trainable else set()
+    known_model = set(known.values())
+    owners = {m.rsplit(".", 1)[0] for m in known_model}
+    kept_owners = {m.rsplit(".", 1)[0] for m in keep}
+    for n, p in model.named_parameters():
+        if n in known_model:
+            p.requires_grad_(n in keep)
+        elif p.ndim < 2 and n.rsplit(".", 1)[0] in owners:
+            p.requires_grad_(n.rsplit(".", 1)[0] in kept_owners)
+    return [n for n, p in model.named_parameters() if p.requires_grad]

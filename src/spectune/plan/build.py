@@ -1,0 +1,82 @@
+"""From an analysis and a policy to a Plan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from pydantic import ValidationError
+
+from spectune.analyze.result import AnalysisResult
+from spectune.plan.policies import POLICIES, PolicyConfig
+from spectune.plan.schema import Plan, PlanError
+
+
+def policy_config(policy: str, params: dict[str, Any] | PolicyConfig | None = None) -> PolicyConfig:
+    """Validated config of a named policy; unknown policies and keys are errors that say what exists."""
+    if policy not in POLICIES:
+        raise PlanError(f"unknown policy '{policy}'; choose one of: {', '.join(POLICIES)}")
+    cls, _ = POLICIES[policy]
+    if isinstance(params, cls):
+        return params
+    try:
+        return cls.model_validate(params or {})
+    except ValidationError as err:
+        lines = [f"{'.'.join(map(str, e['loc'])) or policy}: {e['msg']}" for e in err.errors()]
+        fields = ", ".join(cls.model_fields)
+        raise PlanError(f"invalid parameters for policy '{policy}':\n  " + "\n  ".join(lines) + f"\n  (known: {fields})") from None
+
+
+def plan(analysis: AnalysisResult, policy: str = "uniform", params: dict[str, Any] | PolicyConfig | None = None,
+         one_d_rule: str = "owner") -> Plan:
+    """Decisions of ``policy`` for the analyzed model; pure: same analysis and params, same plan."""
+    from spectune import __version__
+
+    cfg = policy_config(policy, params)
+    _, make = POLICIES[policy]
+    metrics: pd.DataFrame = analysis.metrics
+    try:
+        d = make(metrics, cfg)
+    except ValueError as err:
+        raise PlanError(f"policy '{policy}': {err}") from err
+    return Plan(
+        spectune_version=__version__,
+        model=analysis.source,
+        analysis_digest=analysis.digest(),
+        policy=policy,
+        params=cfg.model_dump(mode="json"),
+        min_scale=d.min_scale,
+        max_scale=d.max_scale,
+        lr_scale={k: round(float(v), 6) for k, v in sorted(d.lr_scale.items())},
+        one_d_rule=one_d_rule,
+        trainable=d.trainable,
+        lora=d.lora,
+        notes=d.notes,
+        excluded=sorted(set(d.excluded)),
+    )
+
+
+def plan_table(p: Plan, analysis: AnalysisResult | None = None) -> pd.DataFrame:
+    """One row per matrix: its decisions (and, given the analysis, the metrics behind them)."""
+    names = sorted(set(p.lr_scale) | set(p.trainable or []))
+    lora = p.lora
+    rank = {}
+    if lora is not None:
+        rank = {t: lora.rank_pattern.get(t, lora.r) for t in lora.target_modules}
+    rows = []
+    for n in names:
+        mod = n.removesuffix(".weight")
+        rows.append(
+            {
+                "name": n,
+                "lr_scale": p.lr_scale.get(n, 1.0),
+                "trainable": (p.trainable is None) or (n in p.trainable),
+                "lora_rank": rank.get(mod),
+                "excluded": n in p.excluded,
+            }
+        )
+    df = pd.DataFrame(rows)
+    if analysis is not None and not df.empty:
+        keep = ["name", "module_type", "layer_index", "svd_metric", "ce_metric", "cs_metric", "alpha_hill", "num_spikes", "snr", "stable_rank"]
+        df = df.merge(analysis.metrics[keep], on="name", how="left")
+    return df
