@@ -197,10 +197,35 @@ def _child(kind: str, folder: str, out_path: str) -> None:
 # ---------------------------------------------------------------------------------
 
 
-def _run_child(kind: str, folder: Path, log_dir: Path, tag: str) -> dict:
+def _busy_s() -> float:
+    """CPU seconds spent busy on all cores since boot (from /proc/stat)."""
+    f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _other_load(seconds: float = 2.0) -> float:
+    """Average number of cores kept busy by other processes over ``seconds``."""
+    b0, t0 = _busy_s(), time.perf_counter()
+    time.sleep(seconds)
+    return (_busy_s() - b0) / (time.perf_counter() - t0)
+
+
+def _wait_idle(max_wait: float, threshold: float = 0.3) -> tuple[float, float]:
+    """Wait (up to max_wait s) until other processes use < threshold cores; (waited s, load seen)."""
+    t0 = time.perf_counter()
+    load = _other_load()
+    while load >= threshold and time.perf_counter() - t0 < max_wait:
+        load = _other_load(5.0)
+    return time.perf_counter() - t0, load
+
+
+def _run_child(kind: str, folder: Path, log_dir: Path, tag: str, max_wait: float) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tf:
         out_path = tf.name
     log = log_dir / f"{tag}.log"
+    waited, load_before = _wait_idle(max_wait) if max_wait > 0 else (0.0, _other_load(0.5))
+    busy0 = _busy_s()
     t = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(
@@ -211,12 +236,18 @@ def _run_child(kind: str, folder: Path, log_dir: Path, tag: str) -> dict:
         _, status, ru = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t
+    busy = _busy_s() - busy0
     if proc.returncode != 0:
         raise RuntimeError(f"{tag} failed (exit {proc.returncode}); see {log}")
     rec = json.loads(Path(out_path).read_text())
     os.unlink(out_path)
     rec["process_wall_s"] = wall
     rec["peak_rss_mb"] = ru.ru_maxrss / 1024  # Linux: KiB; this child's own peak
+    rec["cpu_s"] = ru.ru_utime + ru.ru_stime
+    # contention: cores other processes kept busy while this child ran (machine is shared)
+    rec["other_load_cores"] = max(0.0, (busy - rec["cpu_s"]) / wall)
+    rec["other_load_before_cores"] = load_before
+    rec["waited_for_idle_s"] = waited
     return rec
 
 
@@ -294,6 +325,16 @@ def _machine() -> dict:
     return info
 
 
+def _git() -> dict:
+    root = HERE.parent
+
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    return {"head": git("rev-parse", "HEAD"), "dirty_src": bool(git("status", "--porcelain", "--", "src"))}
+
+
 def _warm_page_cache(folder: Path) -> None:
     """Read the weight files once so every measurement starts from a warm page cache."""
     for p in sorted(folder.glob("*.safetensors")):
@@ -348,9 +389,10 @@ def _print_table(results: dict) -> None:
                     f"{r['import_s']:.2f}",
                     f"{r['peak_rss_mb']:.0f}",
                     str(r["n_matrices"]),
+                    f"{r['other_load_cores']:.2f}",
                 ]
             )
-    header = ["model", "measurement", "work s", "load s", "import s", "peak RSS MB", "matrices"]
+    header = ["model", "measurement", "work s", "load s", "import s", "peak RSS MB", "matrices", "other load"]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -403,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="fresh runs per measurement; the minimum time is kept")
     ap.add_argument("--models", nargs="+", choices=MODELS, help="override the model list")
     ap.add_argument("--kinds", nargs="+", choices=KINDS, help="override the measurement list")
+    ap.add_argument(
+        "--max-wait-idle",
+        type=float,
+        default=180.0,
+        help="before each measurement wait up to this many seconds for other processes to go idle (0: never)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "analyze_speed.json")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "FOLDER", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -425,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "options": {"quick": args.quick, "repeat": args.repeat, "models": models, "kinds": kinds},
         "machine": _machine(),
+        "git": _git(),
         "targets": {
             "ww_mpfit_rand_over_spectune_rand": f">= {TARGET_WW_OVER_SPECTUNE:g}",
             "spectune_over_svdvals_floor": f"<= {TARGET_SPECTUNE_OVER_FLOOR:g}",
@@ -443,10 +492,11 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.repeat):
                 tag = f"{model}.{kind}.{i}"
                 print(f"[{time.perf_counter() - t_all:7.1f}s] {tag} ...", flush=True)
-                rec = _run_child(kind, folder, log_dir, tag)
+                rec = _run_child(kind, folder, log_dir, tag, args.max_wait_idle)
                 print(
                     f"           work {rec['work_s']:.2f} s, load {rec['load_s']:.2f} s, "
-                    f"peak RSS {rec['peak_rss_mb']:.0f} MB, {rec['n_matrices']} matrices",
+                    f"peak RSS {rec['peak_rss_mb']:.0f} MB, {rec['n_matrices']} matrices, "
+                    f"other load {rec['other_load_cores']:.2f} cores",
                     flush=True,
                 )
                 runs.append(rec)

@@ -17,6 +17,7 @@ differently by BLAS).
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -189,46 +190,62 @@ def chunk_mats() -> list[np.ndarray]:
     return [m.astype(np.float32) for m in mats]
 
 
-@pytest.mark.parametrize("ce_mode", ["histogram", "elementwise"])
-def test_chunked_equals_unchunked(ce_mode):
+def test_chunked_spectra_equal_unchunked():
     mats = chunk_mats()
     assert 2**20 // (300 * 300 * 4) == 2  # the engine's chunk size for this group
+    small = run(mats, batch_bytes=2**20)
+    big = run(mats)
+    for name in small.index:
+        assert small.loc[name, "status"] == big.loc[name, "status"] == "ok"
+        for col in ("frobenius_norm", "stable_rank", "spectral_entropy", "alpha", "alpha_hill", "snr"):
+            assert small.loc[name, col] == pytest.approx(big.loc[name, col], rel=1e-12), (name, col)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG (engine._group/_load): when a shape group is split into chunks, the later chunk "
+    "is loaded with quiet=True, which drops every matrix whose status is not yet ok/too_small; "
+    "the later chunks are still 'pending', so no cross-chunk pair is ever computed. cs_metric and "
+    "elementwise ce_metric then average over within-chunk partners only (NaN for a one-matrix chunk)",
+)
+@pytest.mark.parametrize("ce_mode", ["histogram", "elementwise"])
+def test_chunked_crosslayer_equals_unchunked(ce_mode):
+    mats = chunk_mats()
     small = run(mats, batch_bytes=2**20, ce_mode=ce_mode)
     big = run(mats, ce_mode=ce_mode)
-    for name in small.index:
-        for col in ("cs_metric", "ce_metric", "stable_rank", "alpha"):
-            a, b = small.loc[name, col], big.loc[name, col]
-            if isinstance(b, float) and math.isnan(b):
-                assert math.isnan(a), (name, col)
-            else:
-                assert a == pytest.approx(b, rel=1e-12), (name, col)
-    # and both equal the references
     cs = cs_reference(mats)
     ce = (ce_histogram_reference if ce_mode == "histogram" else ce_elementwise_reference)(mats)
     for i in range(5):
-        assert small.loc[f"m{i}", "cs_metric"] == pytest.approx(cs[i], rel=1e-10)
-        assert small.loc[f"m{i}", "ce_metric"] == pytest.approx(ce[i], rel=1e-10)
+        # the unchunked run is right ...
+        assert big.loc[f"m{i}", "cs_metric"] == pytest.approx(cs[i], rel=1e-10)
+        assert big.loc[f"m{i}", "ce_metric"] == pytest.approx(ce[i], rel=1e-10)
+    for i in range(5):
+        # ... and chunking must not change anything (m0: expected 0.39277565907, got 0.54974729343)
+        assert small.loc[f"m{i}", "cs_metric"] == pytest.approx(big.loc[f"m{i}", "cs_metric"], rel=1e-12), i
+        assert small.loc[f"m{i}", "ce_metric"] == pytest.approx(big.loc[f"m{i}", "ce_metric"], rel=1e-12), i
+    assert math.isnan(small.loc["m5", "cs_metric"])  # alone in its shape
 
 
 # --- a matrix that is skipped must not poison its group ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a same-shape group containing an all-zero (status 'zero') matrix leaves that "
-    "matrix's row of the dot-product matrix NaN, and mean_off_diagonal then makes cs_metric "
-    "(and elementwise ce_metric) NaN for every other matrix of the group",
-)
+@pytest.mark.parametrize("bad", ["zero", "nonfinite"])
 @pytest.mark.parametrize("ce_mode", ["histogram", "elementwise"])
-def test_zero_matrix_does_not_poison_group(ce_mode):
+def test_skipped_matrix_does_not_poison_group(ce_mode, bad):
     rng = np.random.default_rng(1)
     mats = [rng.standard_normal((20, 30)).astype(np.float32) for _ in range(3)]
-    mats[2][:] = 0.0
-    m = run(mats, ce_mode=ce_mode)
-    assert m.loc["m2", "status"] == "zero"
+    if bad == "zero":
+        mats[2][:] = 0.0
+    else:
+        mats[2][3, 4] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = run(mats, ce_mode=ce_mode)
+    assert m.loc["m2", "status"] == bad
+    assert math.isnan(m.loc["m2", "cs_metric"])
     good = mats[:2]
     assert m.loc["m0", "cs_metric"] == pytest.approx(cosine(good[0], good[1]), rel=1e-10)
     assert m.loc["m1", "cs_metric"] == pytest.approx(cosine(good[0], good[1]), rel=1e-10)
-    if ce_mode == "elementwise":
-        ref = ce_elementwise_reference(good)
-        assert m.loc["m0", "ce_metric"] == pytest.approx(ref[0], rel=1e-10)
+    ref = (ce_elementwise_reference if ce_mode == "elementwise" else ce_histogram_reference)(good)
+    assert m.loc["m0", "ce_metric"] == pytest.approx(ref[0], rel=1e-10)
+    assert m.loc["m1", "ce_metric"] == pytest.approx(ref[1], rel=1e-10)

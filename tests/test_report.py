@@ -66,19 +66,23 @@ def test_fixture_has_bad_matrices(result: AnalysisResult) -> None:
     assert status["score.weight"] == "too_small"
 
 
-@pytest.mark.parametrize(
-    ("mode", "expected"),
-    [
-        # q_proj blocks with spectra 0,2,3 and down_proj 0..3: first/middle/last of each,
-        # plus embed_tokens, lm_head and score outside the blocks
-        ("summary", 3 + 3 + 3),
-        ("all", 2 * N_LAYERS - 1 + 3),
-        ("none", 0),
-    ],
-)
-def test_report_self_contained(result: AnalysisResult, tmp_path: Path, mode: str, expected: int) -> None:
-    path = report.write_report(result, tmp_path, esd=mode)
-    assert path == tmp_path / "report.html" and path.exists()
+# q_proj blocks with spectra 0,2,3 and down_proj 0..3: first/middle/last of each,
+# plus embed_tokens, lm_head and score outside the blocks
+EXPECTED_ESD = {"summary": 3 + 3 + 3, "all": 2 * N_LAYERS - 1 + 3, "none": 0}
+
+
+def test_report_modes(result: AnalysisResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One folder, three runs: each report stands alone and plots/ holds only the latest run's plots."""
+    for mode in ("summary", "all", "none"):
+        _check_report(result, tmp_path, mode)
+        # depth plots are the same in every mode: draw them in full once, then keep the runs quick
+        monkeypatch.setattr(report, "KEY_METRICS", ["stable_rank", "alpha"])
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def _check_report(result: AnalysisResult, out: Path, mode: str) -> None:
+    path = report.write_report(result, out, esd=mode)  # type: ignore[arg-type]
+    assert path == out / "report.html" and path.exists()
     text = path.read_text(encoding="utf-8")
 
     # nothing fetched from anywhere: no remote src/href, no scripts, no stylesheets
@@ -89,9 +93,9 @@ def test_report_self_contained(result: AnalysisResult, tmp_path: Path, mode: str
 
     esd = _images(text, "esd")
     depth = _images(text, "depth")
-    assert len(esd) == expected == len(list((tmp_path / "plots").glob("esd_*.png")))
+    assert len(esd) == EXPECTED_ESD[mode] == len(list((out / "plots").glob("esd_*.png")))
     assert len(esd) + len(depth) == len(imgs)
-    assert 1 <= len(depth) == len(list((tmp_path / "plots").glob("depth_*.png")))
+    assert 1 <= len(depth) == len(list((out / "plots").glob("depth_*.png")))
 
     # every non-ok matrix is listed, flagged, with its status and note
     bad_rows = re.findall(r'<tr class="bad">(.*?)</tr>', text)
@@ -101,13 +105,6 @@ def test_report_self_contained(result: AnalysisResult, tmp_path: Path, mode: str
         assert all(status in c for c in cells)
     assert "all weights are zero" in text
     assert "<td>ok</td>" in text  # the full table lists good matrices too
-
-
-def test_rerun_removes_stale_plots(result: AnalysisResult, tmp_path: Path) -> None:
-    report.write_report(result, tmp_path, esd="summary")
-    report.write_report(result, tmp_path, esd="none")
-    assert not list((tmp_path / "plots").glob("esd_*.png"))
-    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_bad_mode_writes_nothing(result: AnalysisResult, tmp_path: Path) -> None:

@@ -11,9 +11,23 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Spectral-guided fine-tuning toolkit.")
-console = Console(stderr=True)
-# tables are the command's output; a pipe gets a readable width rather than rich's 80 columns
-out_console = Console(width=None if Console().is_terminal else 160)
+
+
+class _Consoles:
+    """Made on use, so the streams are the ones in force when a command runs (tests swap them)."""
+
+    @property
+    def err(self) -> Console:
+        return Console(stderr=True)
+
+    @property
+    def out(self) -> Console:
+        # tables are the command's output; a pipe gets a readable width rather than rich's 80 columns
+        c = Console()
+        return c if c.is_terminal else Console(width=160)
+
+
+_c = _Consoles()
 
 
 @app.callback()
@@ -78,7 +92,7 @@ def analyze(
     try:
         result = run_analysis(model, cfg)
     except (SourceError, ValueError, RuntimeError) as err:
-        console.print(f"[red]error:[/] {err}")
+        _c.err.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from None
     result.save(out)
     written = ["metrics.parquet", "metrics.csv", "summary.json", "spectra.npz"]
@@ -90,12 +104,12 @@ def analyze(
     summary = result.summary()["model"]
     by_type = result.by_module_type()
     cols = [c for c in ["module_type", "count", "stable_rank", "alpha_hill", "alpha", "num_spikes", "snr", "cs_metric"] if c in by_type]
-    out_console.print(_table(f"{result.source}: mean metrics by module type (status ok)", by_type, cols))
+    _c.out.print(_table("mean metrics by module type (status ok)", by_type, cols))
     bad = result.metrics[result.metrics["status"] != "ok"]
     if len(bad):
-        out_console.print(_table("matrices without full metrics", bad, ["name", "status", "note"]))
+        _c.out.print(_table("matrices without full metrics", bad, ["name", "status", "note"]))
     counts = ", ".join(f"{k}={v}" for k, v in summary["status_counts"].items())
-    out_console.print(
+    _c.out.print(
         f"{summary['n_matrices']} matrices ({counts}), {summary['n_parameters']:,} parameters, "
         f"{result.timings.get('total_s', 0):.1f} s -> {out}/ ({', '.join(written)})"
     )
@@ -148,16 +162,16 @@ def plan(
         else:
             raise typer.BadParameter(f"--format must be spectune, peft or axolotl, not '{fmt}'")
     except (PlanError, SourceError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/] {err}")
+        _c.err.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from None
     table = plan_table(p, result)
     cols = [c for c in ["name", "module_type", "lr_scale", "trainable", "lora_rank"] if c in table]
-    out_console.print(_table(f"plan: policy {policy} on {p.model}", table, cols))
+    _c.out.print(_table(f"plan: policy {policy} on {p.model}", table, cols))
     for note in p.notes:
-        out_console.print(f"- {note}")
+        _c.out.print(f"- {note}")
     if p.excluded:
-        out_console.print(f"- base rate kept for {len(p.excluded)} matrices without the metric: {', '.join(p.excluded[:5])}")
-    out_console.print(f"plan written to {out} ({fmt})")
+        _c.out.print(f"- base rate kept for {len(p.excluded)} matrices without the metric: {', '.join(p.excluded[:5])}")
+    _c.out.print(f"plan written to {out} ({fmt})")
 
 
 def main() -> None:  # pragma: no cover

@@ -102,7 +102,7 @@ def plot_depth(metrics_df: pd.DataFrame, metric: str, path: str | Path) -> Path:
     have either no fit or no depth.
     """
     data = _depth_data(metrics_df, metric)
-    fig, ax = _figure((6.0, 3.6))
+    fig, ax = _figure((7.0, 3.6), right=0.8)  # room for the legend on the right
     if data.empty:
         ax.text(0.5, 0.5, f"no finite {metric} in numbered blocks", ha="center", va="center", transform=ax.transAxes)
     for kind, part in data.groupby("module_type", sort=True):
@@ -128,9 +128,11 @@ def _depth_data(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return out[np.isfinite(out["value"])]
 
 
-def _figure(size: tuple[float, float]) -> tuple[Figure, Any]:
-    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+def _figure(size: tuple[float, float], right: float = 0.97) -> tuple[Figure, Any]:
+    # fixed margins: every plot has the same furniture, and a layout engine would redraw each figure twice
+    fig = Figure(figsize=size, dpi=DPI)
     FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.12, right=right, bottom=0.13, top=0.92)
     return fig, fig.add_subplot()
 
 
