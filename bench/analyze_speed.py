@@ -325,6 +325,22 @@ def _machine() -> dict:
     return info
 
 
+def _resolve(alias: str) -> Path:
+    """Folder of a built-in model, resolved in a subprocess.
+
+    The parent stays small on purpose: Linux carries the RSS high-water mark of the
+    process image a child replaces at exec into the child's ru_maxrss, so a parent
+    that had imported torch would inflate every child's reported peak.
+    """
+    out = subprocess.run(
+        [sys.executable, "-c", f"from spectune.analyze import builtin; print(builtin.resolve({alias!r}))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
 def _git() -> dict:
     root = HERE.parent
 
@@ -402,7 +418,7 @@ def _print_table(results: dict) -> None:
             table.add_column(h, justify="left" if h in ("model", "measurement") else "right")
         for row in rows:
             table.add_row(*row)
-        Console().print(table)
+        Console(width=max(Console().width, 130)).print(table)
     except ImportError:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
         print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -466,8 +482,6 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = args.out.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    from spectune.analyze import builtin
-
     results: dict = {
         "command": " ".join([Path(sys.executable).name, "bench/analyze_speed.py", *(argv if argv is not None else sys.argv[1:])]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -483,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     t_all = time.perf_counter()
     for model in models:
-        folder = builtin.resolve(model)  # converts smollm2 once (cached), outside any measurement
+        folder = _resolve(model)  # converts smollm2 once (cached), outside any measurement
         size_mb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / MB
         _warm_page_cache(folder)
         mres: dict = {"folder": str(folder), "file_mb": size_mb, "runs": {}}

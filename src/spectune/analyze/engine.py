@@ -113,13 +113,22 @@ class _Run:
         dots = np.full((k, k), np.nan)
         ce = np.full((k, k), np.nan) if self.cfg.ce_mode == "elementwise" else None
         offsets = np.cumsum([0] + [len(c) for c in chunks])
-        for ci, chunk in enumerate(chunks):
-            a = self._load(chunk)
+        if len(chunks) == 1:
+            a = self._load(chunks[0])
             self._spectra(a)
-            advance(len(chunk))
-            for cj in range(ci, len(chunks)):
-                b = a if cj == ci else self._load(chunks[cj], quiet=True)
-                self._pairwise(a, b, offsets[ci], offsets[cj], group, dots, ce)
+            advance(len(group))
+            self._pairwise(a, a, 0, 0, group, dots, ce)
+        else:
+            # statuses must be final before pairs are formed, so spectra go first, then
+            # every pair of chunks is re-read (memory stays at two chunks)
+            for chunk in chunks:
+                self._spectra(self._load(chunk))
+                advance(len(chunk))
+            for ci in range(len(chunks)):
+                a = self._load(chunks[ci], quiet=True)
+                for cj in range(ci, len(chunks)):
+                    b = a if cj == ci else self._load(chunks[cj], quiet=True)
+                    self._pairwise(a, b, offsets[ci], offsets[cj], group, dots, ce)
         cos = crosslayer.cosine_from_dots(dots) if k else dots
         cs = crosslayer.mean_off_diagonal(cos)
         ce_mean = crosslayer.mean_off_diagonal(ce) if ce is not None else None

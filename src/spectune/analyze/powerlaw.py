@@ -31,9 +31,9 @@ class PowerLawFit:
 
 def hill_alpha(lam: np.ndarray, i: int) -> float:
     """Hill estimate with xmin = lam[i] (``lam`` ascending, positive)."""
-    tail = np.log(lam[i:])
-    n = tail.size
-    denom = tail.sum() - n * tail[0]
+    log_ratio = np.log(lam[i:] / lam[i])  # ratios, not differences of logs: a flat tail gives exactly 0
+    n = log_ratio.size
+    denom = log_ratio.sum()
     return float(1.0 + n / denom) if denom > 0 else float("nan")
 
 
@@ -67,8 +67,11 @@ def fit_ks(lam: np.ndarray, max_block: int = 4096) -> PowerLawFit:
     idx = np.arange(n_all - 1)
     n_tail = (n_all - idx).astype(np.float64)
     denom = suffix[idx] - n_tail * loglam[idx]
+    # a constant tail (lam_i == lam_max) has no power law; the suffix-sum difference would
+    # leave a rounding residue there instead of the exact 0 and give alpha ~ 1e16
+    flat = lam[idx] >= lam[-1]
     with np.errstate(divide="ignore", invalid="ignore"):
-        alphas = np.where(denom > 0, 1.0 + n_tail / denom, np.nan)
+        alphas = np.where((denom > 0) & ~flat, 1.0 + n_tail / denom, np.nan)
     ds = np.full(n_all - 1, np.inf)
     for start in range(0, n_all - 1, max_block):
         stop = min(start + max_block, n_all - 1)

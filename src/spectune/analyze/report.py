@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from spectune import _io
 from spectune.analyze.result import COLUMNS, KEY_METRICS, AnalysisResult
@@ -64,8 +64,8 @@ def plot_esd(name: str, lam: np.ndarray, row: Mapping[str, Any], path: str | Pat
         density, edges = np.histogram(pos, bins=bins, density=True)
         # bars for the non-empty bins only: an empty bin has no place on a log density axis
         nz = density > 0
-        ax.bar(edges[:-1][nz], density[nz], width=np.diff(edges)[nz], align="edge", alpha=0.45,
-               color="tab:blue", label=f"ESD ({pos.size} eigenvalues)")
+        label = f"ESD ({pos.size} eigenvalues)"
+        ax.bar(edges[:-1][nz], density[nz], np.diff(edges)[nz], align="edge", alpha=0.45, label=label)
 
         alpha, xmin = _num(row, "alpha"), _num(row, "alpha_xmin")
         if math.isfinite(alpha) and alpha > 1 and math.isfinite(xmin) and xmin > 0:
@@ -85,8 +85,7 @@ def plot_esd(name: str, lam: np.ndarray, row: Mapping[str, Any], path: str | Pat
     hill_text = f"{hill:.3g}" if math.isfinite(hill) else "n/a"
     ax.plot([], [], " ", label=f"Hill alpha (median xmin) = {hill_text}")
     if pos.size:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        _log_axes(ax)
     ax.set_xlabel("eigenvalue lambda = s^2 of W^T W")
     ax.set_ylabel("density")
     status = str(row.get("status", ""))
@@ -126,6 +125,21 @@ def _depth_data(df: pd.DataFrame, metric: str) -> pd.DataFrame:
         {"module_type": rows["module_type"], "layer_index": rows["layer_index"].astype(float), "value": value}
     )
     return out[np.isfinite(out["value"])]
+
+
+def _log_axes(ax: Any) -> None:
+    """Log-log axes labelled at powers of ten only (minor labels collide on short ranges).
+
+    An axis spanning less than two labelled decades is widened to whole decades,
+    so every plot keeps at least two readable tick labels per axis.
+    """
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis, get, set_ in ((ax.xaxis, ax.get_xlim, ax.set_xlim), (ax.yaxis, ax.get_ylim, ax.set_ylim)):
+        lo, hi = get()
+        if math.floor(math.log10(hi)) - math.ceil(math.log10(lo)) < 1:
+            set_(10 ** math.floor(math.log10(lo)), 10 ** math.ceil(math.log10(hi)))
+        axis.set_minor_formatter(NullFormatter())
 
 
 def _figure(size: tuple[float, float], right: float = 0.97) -> tuple[Figure, Any]:
@@ -236,7 +250,8 @@ def _html(
     if bad.empty:
         parts.append(f"<p>All {len(df)} matrices have status ok.</p>")
     else:
-        parts.append(f"<p class=warn>{len(bad)} matrices are not ok; their fits are missing or partial:</p>")
+        what = "1 matrix is" if len(bad) == 1 else f"{len(bad)} matrices are"
+        parts.append(f"<p class=warn>{what} not ok; their fits are missing or partial:</p>")
         parts.append(_table(bad[["name", "module_type", "layer_index", "rows", "cols", "status", "note"]], flag=True))
     parts += [
         "<h2>By module type</h2><p>Means over matrices with status ok.</p>",
@@ -284,7 +299,7 @@ def _table(df: pd.DataFrame, flag: bool = False) -> str:
 
 
 def _fmt(v: Any) -> str:
-    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+    if v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and math.isnan(v)):
         return ""
     if isinstance(v, (bool, np.bool_)):
         return str(bool(v))
