@@ -17,7 +17,8 @@ from spectune.analyze import marchenko_pastur, powerlaw
 # (WeightWatcher's EVALS_THRESH, kept so the alpha cross-check compares like with like).
 EVALS_THRESH = 1e-5
 # Single-precision weights: singular values below s_max * max(N, M) * eps32 are numerically zero
-# (numpy.linalg.matrix_rank's rule, also WeightWatcher's).
+# (numpy.linalg.matrix_rank's rule at float32 precision; WeightWatcher applies it at float64
+# precision to upcast weights, so it can count one more rank on nearly singular matrices).
 RANK_EPS = float(np.finfo(np.float32).eps)
 
 
@@ -49,7 +50,8 @@ def norm_metrics(lam: np.ndarray, rows: int, cols: int) -> dict[str, float]:
         "effective_rank": math.exp(h),
         "log_norm": math.log10(total),
         "log_spectral_norm": math.log10(lmax),
-        "condition_number": float(s[-1] / s[0]) if s[0] > 0 else math.inf,
+        # a numerically singular matrix is infinitely ill-conditioned whichever route gave s_min
+        "condition_number": float(s[-1] / s[0]) if rank == n else math.inf,
         # seed 000, read as in seed-notes: rank-weighted share of the singular-value mass
         "svd_metric": float((np.arange(1, n + 1) / n * ps).sum()),
         "mean_singular_value": float(s.mean()),
