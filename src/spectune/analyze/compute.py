@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 # Working-set target of one float64 slice stack, bytes.
-SLICE_BYTES = 64 * 2**20
+SLICE_BYTES = 16 * 2**20
 
 
 def _slices(long_dim: int, width: int, batch: int, itemsize: int) -> list[tuple[int, int]]:

@@ -22,10 +22,15 @@ CE_EPS = 1e-10  # the seed's constant against log(0)
 HIST_RANGE = 8.0  # grid spans +-8 RMS; values beyond fall in the edge bins
 
 
-def value_histogram(w: torch.Tensor, bins: int = 256) -> np.ndarray:
-    """Probability histogram of w / rms(w) on the shared grid [-HIST_RANGE, HIST_RANGE]."""
+def value_histogram(w: torch.Tensor, bins: int = 256, rms: float | None = None) -> np.ndarray:
+    """Probability histogram of w / rms(w) on the shared grid [-HIST_RANGE, HIST_RANGE].
+
+    ``rms`` can be passed in (the engine knows it from the spectrum: sum lambda = ||W||_F^2),
+    which saves a float64 copy of a large matrix.
+    """
     x = w.reshape(-1).to(torch.float32)
-    rms = torch.sqrt(torch.mean(x.double() ** 2)).item()
+    if rms is None:
+        rms = float(torch.linalg.vector_norm(x, dtype=torch.float64)) / x.numel() ** 0.5
     z = (x / rms).clamp_(-HIST_RANGE, HIST_RANGE)
     h = torch.histc(z, bins=bins, min=-HIST_RANGE, max=HIST_RANGE).double().numpy()
     return h / h.sum()

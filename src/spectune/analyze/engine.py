@@ -192,7 +192,8 @@ class _Run:
                 if self.cfg.randomize:
                     row["rand_distance"] = spectral.esd_distance(ev, lam_rand[i])
             if self.cfg.ce_mode == "histogram":
-                self.hists[ref.name] = crosslayer.value_histogram(w, self.cfg.ce_bins)
+                rms = math.sqrt(float(ev.sum()) / w.numel())
+                self.hists[ref.name] = crosslayer.value_histogram(w, self.cfg.ce_bins, rms=rms)
 
     def _pairwise(
         self,
