@@ -114,8 +114,45 @@ def open_source(model: Any, trust_remote_code: bool = False) -> WeightSource:
 # --- loaded modules ---------------------------------------------------------------
 
 
+_ADAPTER_PARAM = re.compile(r"\.(lora_[A-Za-z_]+|ia3_l|modules_to_save|original_module|prompt_encoder|hada_|lokr_)(\.|$)")
+_PEFT_PREFIX = "base_model.model."
+
+
+def _peft_merged(model: torch.nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
+    """Loaders of W + delta W for every PEFT-adapted layer, keyed by the base weight's name.
+
+    During LoRA training the matrix that matters is the merged one; reading the
+    frozen base weight alone would show no training at all.
+    """
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    for mname, mod in model.named_modules():
+        base = getattr(mod, "base_layer", None)
+        if base is None or not hasattr(mod, "get_delta_weight") or not hasattr(base, "weight"):
+            continue
+
+        def load(mod: Any = mod, base: Any = base) -> torch.Tensor:
+            w = base.weight.detach()
+            for adapter in getattr(mod, "active_adapters", []):
+                if adapter in getattr(mod, "lora_A", {}) or adapter in getattr(mod, "ia3_l", {}):
+                    w = w + mod.get_delta_weight(adapter).detach().to(w.dtype)
+            return w
+
+        out[f"{mname}.base_layer.weight"] = load
+    return out
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without PEFT's wrapping (``base_model.model.`` and ``.base_layer``)."""
+    return name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")
+
+
 def from_module(model: torch.nn.Module) -> WeightSource:
-    """Matrices of a loaded model; parameters sharing storage are listed once, as tied."""
+    """Matrices of a loaded model; parameters sharing storage are listed once, as tied.
+
+    PEFT-wrapped models are read as their merged weights under the base model's names;
+    adapter matrices themselves (lora_A, lora_B, ...) are not rows.
+    """
+    merged = _peft_merged(model)
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -131,6 +168,8 @@ def from_module(model: torch.nn.Module) -> WeightSource:
     for name, param in model.named_parameters(remove_duplicate=False):
         if param.ndim < 2 or (not param.dtype.is_floating_point and not _is_weight_name(name)):
             continue
+        if _ADAPTER_PARAM.search(name):
+            continue
         key = (param.data_ptr(), tuple(param.shape))
         if key in first_by_storage:
             ties[first_by_storage[key]].append(name)
@@ -145,17 +184,17 @@ def from_module(model: torch.nn.Module) -> WeightSource:
         if transpose:
             shape = (shape[1], shape[0])
 
-        def loader(p: torch.nn.Parameter = param, t: bool = transpose) -> torch.Tensor:
-            w = p.detach()
+        def loader(p: torch.nn.Parameter = param, t: bool = transpose, m: Any = merged.get(name)) -> torch.Tensor:
+            w = m() if m is not None else p.detach()
             return w.t() if t else w
 
         refs.append(
             WeightRef(
-                name=name,
+                name=canonical_name(name),
                 shape=shape,
                 dtype=str(param.dtype).removeprefix("torch."),
                 loader=loader,
-                tied_to=tuple(ties[name]),
+                tied_to=tuple(canonical_name(t) for t in ties[name]),
                 quantized=not (param.dtype.is_floating_point),
             )
         )

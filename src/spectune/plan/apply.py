@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
+
+from spectune.analyze.sources import canonical_name
+
+# adapter parameters (LoRA A/B, DoRA magnitude, IA3 vectors) belong to the layer they adapt
+_ADAPTER = re.compile(r"\.(lora_[A-Za-z_]+|ia3_l)\..*$")
 
 from spectune.plan.schema import Plan, PlanError
 
@@ -17,7 +23,7 @@ def match_names(plan_names: list[str], model_names: list[str]) -> dict[str, str]
     and ``.base_layer``), so a plan name matches a model name exactly, else as the
     unique dotted suffix of one.
     """
-    canon = {m.replace(".base_layer.", "."): m for m in model_names}
+    canon = {canonical_name(m): m for m in model_names}
     exact = set(canon)
     out: dict[str, str] = {}
     bad: list[str] = []
@@ -56,9 +62,11 @@ def param_groups(model: torch.nn.Module, plan: Plan, base_lr: float, weight_deca
     groups = []
     for n, p in params:
         s = scale.get(n)
-        if s is None and p.ndim < 2 and plan.one_d_rule == "owner":
+        if s is None and _ADAPTER.search(n):
+            s = scale.get(_ADAPTER.sub(".base_layer.weight", n), scale.get(_ADAPTER.sub(".weight", n)))
+        elif s is None and p.ndim < 2 and plan.one_d_rule == "owner":
             owner = n.rsplit(".", 1)[0] + ".weight"
-            s = scale.get(owner)
+            s = scale.get(owner, scale.get(n.rsplit(".", 1)[0] + ".base_layer.weight"))
         s = 1.0 if s is None else s
         groups.append(
             {"params": [p], "name": n, "lr": base_lr * s, "lr_scale": s, "weight_decay": weight_decay if p.ndim >= 2 else 0.0}
