@@ -174,6 +174,32 @@ def plan(
     _c.out.print(f"plan written to {out} ({fmt})")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train(
+    config: Annotated[Path, typer.Argument(help="training config YAML (see examples/)")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the run folder's last checkpoint")] = False,
+) -> None:
+    """Fine-tune a model as configured, with a spectral plan applied and re-planned between epochs."""
+    from spectune.plan import PlanError
+    from spectune.train import TrainConfigError, load_config
+    from spectune.train.trainer import TrainingDiverged, run
+
+    try:
+        cfg = load_config(config, overrides or [])
+        result = run(cfg, resume=resume)
+    except (TrainConfigError, PlanError, FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as err:
+        _c.err.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    t = Table(title=f"run {result.run_dir}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in result.metrics.items():
+        if any(k.startswith(p) for p in ("test_", "validation_", "train_loss", "gap_")) and not k.endswith(("runtime", "per_second")):
+            t.add_row(k, _fmt(v))
+    _c.out.print(t)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,199 @@
+"""Trainer callbacks: re-planning between epochs, spectral tracking, metric logs, AdaLoRA budget.
+
+They act only at epoch ends or every N steps, never inside the step itself, so a
+plan costs the training loop nothing between re-plans.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from transformers import TrainerCallback
+
+from spectune import _io
+from spectune.analyze import analyze
+from spectune.plan import Plan, param_groups, plan as make_plan
+from spectune.train.config import PlanSection
+
+STATE_FILE = "spectune_state.json"
+
+
+def _analysis(model: torch.nn.Module, cache: dict[str, Any], step: int) -> Any:
+    """One analysis per global step, shared by the re-planner and the tracker."""
+    if cache.get("step") != step:
+        t = time.perf_counter()
+        cache["result"] = analyze(model, progress=False)
+        cache["step"] = step
+        cache["seconds"] = cache.get("seconds", 0.0) + time.perf_counter() - t
+    return cache["result"]
+
+
+class ReplanCallback(TrainerCallback):
+    """Recompute the plan on the current weights and move each group's rate, keeping the schedule's shape.
+
+    The new rate goes into the scheduler's ``base_lrs`` (a LambdaLR multiplies those by
+    the schedule factor each step; writing ``param_groups[i]['lr']`` alone would be
+    overwritten at the next step), and into the group's current lr at today's factor.
+    """
+
+    def __init__(self, section: PlanSection, plan: Plan, base_lr: float, weight_decay: float, run_dir: Path,
+                 cache: dict[str, Any], planned_epoch: int = 0) -> None:
+        self.section = section
+        self.plan = plan
+        self.base_lr = base_lr
+        self.weight_decay = weight_decay
+        self.run_dir = run_dir
+        self.cache = cache
+        self.planned_epoch = planned_epoch
+        self.history: list[dict[str, Any]] = []
+
+    # the policy's own parameters, with the epoch where the policy reads one (phased)
+    def _params(self, epoch: int) -> dict[str, Any]:
+        params = dict(self.section.params)
+        if self.section.policy == "phased":
+            params["epoch"] = epoch
+        return params
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       lr_scheduler: Any = None, **kw: Any) -> None:
+        epoch = int(round(state.epoch or 0))
+        if self.section.replan == "epoch" and epoch > self.planned_epoch:
+            self.replan(model, optimizer, lr_scheduler, epoch, state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                    lr_scheduler: Any = None, **kw: Any) -> None:
+        n = self.section.replan_every_steps
+        if self.section.replan == "steps" and n and state.global_step % n == 0:
+            self.replan(model, optimizer, lr_scheduler, int(state.epoch or 0), state.global_step)
+
+    def replan(self, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any, epoch: int, step: int) -> Plan:
+        result = _analysis(model, self.cache, step)
+        new = make_plan(result, self.section.policy or "uniform", self._params(epoch), one_d_rule=self.section.one_d_rule)
+        scales = {g["name"]: g["lr_scale"] for g in param_groups(model, new, 1.0, self.weight_decay)}
+        sched = getattr(lr_scheduler, "scheduler", lr_scheduler)
+        lambdas = getattr(sched, "lr_lambdas", None)
+        for i, group in enumerate(optimizer.param_groups):
+            s = scales.get(group.get("name"), group.get("lr_scale", 1.0))
+            group["lr_scale"] = s
+            if sched is not None:
+                sched.base_lrs[i] = self.base_lr * s
+                factor = lambdas[i](sched.last_epoch) if lambdas else 1.0
+                group["lr"] = self.base_lr * s * factor
+                group["initial_lr"] = self.base_lr * s
+            else:
+                group["lr"] = self.base_lr * s
+        self.plan = new
+        self.planned_epoch = epoch
+        path = self.run_dir / "plans" / f"plan-epoch{epoch}-step{step}.yaml"
+        new.save(path)
+        self.history.append({"epoch": epoch, "step": step, "plan": str(path), "notes": new.notes})
+        return new
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.exists():
+            self.plan.save(ckpt / "spectune_plan.yaml")
+            _io.write_json(ckpt / STATE_FILE, {"planned_epoch": self.planned_epoch})
+
+
+def restore_plan_state(checkpoint: Path) -> tuple[Plan | None, int]:
+    """The plan and planned epoch saved with a checkpoint (so a resumed run keeps its phase)."""
+    state = checkpoint / STATE_FILE
+    if not state.exists():
+        return None, 0
+    data = json.loads(state.read_text())
+    return Plan.load(checkpoint / "spectune_plan.yaml"), int(data.get("planned_epoch", 0))
+
+
+class SpectralTracker(TrainerCallback):
+    """Chosen metrics of every matrix at each epoch end (and every N steps): a tidy table on disk."""
+
+    def __init__(self, run_dir: Path, metrics: list[str], every_steps: int, cache: dict[str, Any]) -> None:
+        self.path = run_dir / "spectral_trajectory.parquet"
+        self.metrics = metrics
+        self.every = every_steps
+        self.cache = cache
+        self.frames: list[pd.DataFrame] = []
+        if self.path.exists():  # a resumed run continues its trajectory
+            self.frames.append(pd.read_parquet(self.path))
+        self.writer: Any = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard" / "spectra"))
+        except Exception:  # tensorboard is optional
+            self.writer = None
+
+    def record(self, model: torch.nn.Module, step: int, epoch: float) -> None:
+        result = _analysis(model, self.cache, step)
+        cols = ["name", "module_type", "layer_index"] + [m for m in self.metrics if m in result.metrics]
+        df = result.metrics[cols].copy()
+        df.insert(0, "epoch", float(epoch))
+        df.insert(0, "step", int(step))
+        self.frames = [f for f in self.frames if not (f["step"] == step).all()] + [df]
+        table = pd.concat(self.frames, ignore_index=True)
+        with _io.atomic_path(self.path) as tmp:
+            table.to_parquet(tmp, index=False)
+        if self.writer is not None:
+            for _, row in df.iterrows():
+                for m in cols[3:]:
+                    v = float(row[m]) if pd.notna(row[m]) else math.nan
+                    if math.isfinite(v):
+                        self.writer.add_scalar(f"{m}/{row['name']}", v, step)
+            self.writer.flush()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        if state.global_step == 0:
+            self.record(model, 0, 0.0)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        if self.every and state.global_step % self.every == 0:
+            self.record(model, state.global_step, state.epoch or 0.0)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        self.record(model, state.global_step, state.epoch or 0.0)
+
+
+class MetricsLog(TrainerCallback):
+    """Every log and evaluation as one JSON line in metrics.jsonl (flushed per line)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_io.to_jsonable(record)) + "\n")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+        if logs:
+            self.write({"step": state.global_step, "epoch": state.epoch, **logs})
+
+
+class AdaLoraBudget(TrainerCallback):
+    """AdaLoRA reallocates its rank budget after every optimizer step (before gradients are zeroed)."""
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        inner = getattr(model, "base_model", None)
+        if inner is not None and hasattr(inner, "update_and_allocate"):
+            inner.update_and_allocate(state.global_step)
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Keeps the last good checkpoint: once the loss is NaN/Inf, no further checkpoint is written."""
+
+    def __init__(self) -> None:
+        self.bad_step: int | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.bad_step is not None:
+            control.should_save = False
+            control.should_training_stop = True
+            control.should_evaluate = False
+

