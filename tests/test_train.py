@@ -182,3 +182,19 @@ def test_plan_for_another_model_fails_before_training(assets, tmp_path):  # type
     with pytest.raises(PlanError, match="plan does not match the model"):
         run(_cfg(assets, tmp_path / "run", plan={"file": str(tmp_path / "plan.yaml")}))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_stable_rank_plan_mixes_full_and_lora(assets, tmp_path):  # type: ignore[no-untyped-def]
+    cfg = _cfg(assets, tmp_path / "run", method={"kind": "lora", "r": 2},
+               plan={"policy": "stable-rank", "params": {"lora_rank": 2}, "replan": "never"}, train={"epochs": 1})
+    run(cfg)
+    plan = yaml.safe_load((tmp_path / "run" / "plans" / "plan-epoch0-step0.yaml").read_text())
+    adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    assert plan["trainable"] and plan["lora"]["target_modules"]
+    assert adapter["r"] == 2
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.yaml")))
+def test_examples_are_valid_configs(path):  # type: ignore[no-untyped-def]
+    cfg = load_config(path)
+    assert cfg.data.name or cfg.data.path

@@ -143,7 +143,8 @@ def _peft_merged(model: torch.nn.Module) -> dict[str, Callable[[], torch.Tensor]
 
 def canonical_name(name: str) -> str:
     """A parameter name without PEFT's wrapping (``base_model.model.`` and ``.base_layer``)."""
-    return name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")
+    name = name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
 
 
 def from_module(model: torch.nn.Module) -> WeightSource:

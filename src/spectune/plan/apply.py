@@ -23,7 +23,8 @@ def match_names(plan_names: list[str], model_names: list[str]) -> dict[str, str]
     and ``.base_layer``), so a plan name matches a model name exactly, else as the
     unique dotted suffix of one.
     """
-    canon = {canonical_name(m): m for m in model_names}
+    # PEFT keeps a frozen copy of a head it trains (original_module); the trained copy is the match
+    canon = {canonical_name(m): m for m in model_names if ".original_module." not in m}
     exact = set(canon)
     out: dict[str, str] = {}
     bad: list[str] = []
