@@ -35,6 +35,9 @@ def test_analyze_then_plan_from_saved_analysis(tiny_folder, tmp_path):  # type: 
     data = yaml.safe_load(plan_path.read_text())
     assert data["policy"] == "phased" and data["params"]["phase"] == "ce"
     assert data["analysis_digest"] == summary["model"]["digest"]
+    page = (tmp_path / "plan.html").read_text()
+    assert "Per-matrix decisions" in page and "model.layers.0.self_attn.q_proj.weight" in page
+    assert 'src="data:image/png;base64,' in page  # lr_scale by depth
 
     peft_path = tmp_path / "lora.json"
     res = runner.invoke(

@@ -164,6 +164,9 @@ def plan(
     except (PlanError, SourceError, FileNotFoundError) as err:
         _c.err.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from None
+    from spectune.plan.report import write_plan_report
+
+    html_path = write_plan_report(p, result, out.with_suffix(".html"))
     table = plan_table(p, result)
     cols = [c for c in ["name", "module_type", "lr_scale", "trainable", "lora_rank"] if c in table]
     _c.out.print(_table(f"plan: policy {policy} on {p.model}", table, cols))
@@ -171,7 +174,7 @@ def plan(
         _c.out.print(f"- {note}")
     if p.excluded:
         _c.out.print(f"- base rate kept for {len(p.excluded)} matrices without the metric: {', '.join(p.excluded[:5])}")
-    _c.out.print(f"plan written to {out} ({fmt})")
+    _c.out.print(f"plan written to {out} ({fmt}); table and plots: {html_path}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
