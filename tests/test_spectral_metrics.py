@@ -292,7 +292,8 @@ def test_engine_linear_module_orientation():
 def test_compute_eigenvalues_then_norm_metrics(case, method):
     rows, cols, s = CASES[case]
     mats = [tensor(case, torch.float64, seed) * f for seed, f in ((0, 1.0), (1, 0.5), (2, 4.0))]
-    lam = compute.eigenvalues(mats, torch.device("cpu"), torch.float64, method=method)
+    lam, finite = compute.eigenvalues(mats, torch.device("cpu"), torch.float64, method=method)
+    assert finite.all()
     assert lam.shape == (3, min(rows, cols))
     assert lam.dtype == torch.float64
     lam = lam.numpy()
@@ -318,7 +319,7 @@ def test_compute_eigenvalues_then_norm_metrics(case, method):
 def test_compute_eigenvalues_low_precision_input(case, dtype, method):
     rows, cols, _ = CASES[case]
     w = tensor(case, dtype)
-    lam = compute.eigenvalues([w], torch.device("cpu"), torch.float64, method=method)[0].numpy()
+    lam = compute.eigenvalues([w], torch.device("cpu"), torch.float64, method=method)[0][0].numpy()
     ref = np.sort(numpy_svals(w) ** 2)
     np.testing.assert_allclose(lam, ref, rtol=0, atol=1e-12 * ref[-1])
 
@@ -330,7 +331,7 @@ def test_gram_sliced_accumulation(case, monkeypatch):
     mats = [tensor(case, torch.float64, seed) for seed in range(2)]
     monkeypatch.setattr(compute, "SLICE_BYTES", 2 * min(rows, cols) * 8 * 7)  # 7 rows per slice
     assert len(compute._slices(max(rows, cols), min(rows, cols), 2, 8)) > 10
-    lam = compute.eigenvalues(mats, torch.device("cpu"), torch.float64, method="gram").numpy()
+    lam = compute.eigenvalues(mats, torch.device("cpu"), torch.float64, method="gram")[0].numpy()
     for i in range(2):
         np.testing.assert_allclose(lam[i], np.sort(s**2), rtol=0, atol=1e-12 * s.max() ** 2)
 
@@ -353,3 +354,17 @@ def test_pairwise_dots_against_numpy(monkeypatch):
     ).numpy()
     ref_f = np.array([[float((np.abs(x.numpy()) * y.numpy() ** 2).sum()) for y in b] for x in a])
     np.testing.assert_allclose(got_f, ref_f, rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["gram", "svd"])
+def test_nonfinite_matrices_are_flagged_without_poisoning_the_batch(method):
+    good = torch.randn(40, 24, dtype=torch.float64)
+    nan = good.clone()
+    nan[7, 3] = float("nan")
+    inf = good.clone()
+    inf[0, 23] = float("inf")
+    lam, finite = compute.eigenvalues([good, nan, inf], torch.device("cpu"), torch.float64, method=method)
+    assert finite.tolist() == [True, False, False]
+    ref = np.sort(np.linalg.svd(good.numpy(), compute_uv=False) ** 2)
+    np.testing.assert_allclose(lam[0].numpy(), ref, rtol=1e-10, atol=1e-12 * ref[-1])
+    assert torch.isnan(lam[1:]).all()

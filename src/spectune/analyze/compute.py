@@ -38,20 +38,31 @@ def gram(mats: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype)
 
 def eigenvalues(
     mats: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype, method: str = "gram"
-) -> torch.Tensor:
-    """Ascending eigenvalues of W^T W (squared singular values), shape (B, min(rows, cols)), on CPU.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending eigenvalues of W^T W (squared singular values), (B, min(rows, cols)), and a finite mask (B,).
 
     ``method='gram'``: eigvalsh of the Gram matrix (fast, exact to float64 rounding).
     ``method='svd'``: svdvals of the matrix itself (the reference route; slower).
+    Every weight enters some diagonal entry of the Gram matrix as w^2, so a NaN/Inf
+    anywhere in W shows there: the mask is read from the M diagonal entries instead
+    of a pass over all N*M weights. Rows of non-finite matrices are NaN.
     """
     if method == "svd":
-        s = torch.linalg.svdvals(torch.stack(list(mats)).to(device=device, dtype=dtype))
-        lam = (s * s).flip(-1)
+        x = torch.stack(list(mats)).to(device=device, dtype=dtype)
+        finite = torch.isfinite(x).flatten(1).all(dim=1)
+        lam = torch.full(x.shape[:1] + (min(x.shape[1:]),), float("nan"), dtype=dtype, device=device)
+        if finite.any():
+            s = torch.linalg.svdvals(x[finite])
+            lam[finite] = (s * s).flip(-1)
     elif method == "gram":
-        lam = torch.linalg.eigvalsh(gram(mats, device, dtype))
+        g = gram(mats, device, dtype)
+        finite = torch.isfinite(torch.diagonal(g, dim1=-2, dim2=-1)).all(dim=1)
+        lam = torch.full(g.shape[:2], float("nan"), dtype=dtype, device=device)
+        if finite.any():
+            lam[finite] = torch.linalg.eigvalsh(g[finite])
     else:
         raise ValueError(f"unknown spectrum method '{method}' (gram or svd)")
-    return lam.clamp_min_(0).cpu()
+    return lam.clamp_min_(0).cpu(), finite.cpu()
 
 
 def pairwise_dots(

@@ -22,7 +22,7 @@ class AnalysisConfig(BaseModel):
     randomize: bool = Field(False, description="also compute rand_distance (one more spectrum per matrix)")
     ce_mode: Literal["histogram", "elementwise"] = "histogram"
     ce_bins: int = Field(256, ge=8)
-    batch_bytes: int = Field(256 * 2**20, ge=2**20, description="bytes of weights loaded at once")
+    batch_bytes: int = Field(128 * 2**20, ge=2**20, description="bytes of weights loaded at once")
     seed: int = Field(0, description="seed of the shuffles behind rand_distance")
     trust_remote_code: bool = False
     progress: bool = True

@@ -20,6 +20,7 @@ import torch
 
 CE_EPS = 1e-10  # the seed's constant against log(0)
 HIST_RANGE = 8.0  # grid spans +-8 RMS; values beyond fall in the edge bins
+HIST_SLICE = 1 << 22  # elements histogrammed at once
 
 
 def value_histogram(w: torch.Tensor, bins: int = 256, rms: float | None = None) -> np.ndarray:
@@ -28,11 +29,21 @@ def value_histogram(w: torch.Tensor, bins: int = 256, rms: float | None = None) 
     ``rms`` can be passed in (the engine knows it from the spectrum: sum lambda = ||W||_F^2),
     which saves a float64 copy of a large matrix.
     """
-    x = w.reshape(-1).to(torch.float32)
+    x = w.reshape(-1)
+    if not x.dtype.is_floating_point or x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     if rms is None:
         rms = float(torch.linalg.vector_norm(x, dtype=torch.float64)) / x.numel() ** 0.5
-    z = (x / rms).clamp_(-HIST_RANGE, HIST_RANGE)
-    h = torch.histc(z, bins=bins, min=-HIST_RANGE, max=HIST_RANGE).double().numpy()
+    lo, hi = -HIST_RANGE * rms, HIST_RANGE * rms
+    h = np.zeros(bins)
+    # in slices: histc allocates temporaries the size of its input, which for an embedding
+    # would double the analysis' memory; it also ignores values outside [min, max], so
+    # those are counted into the edge bins (the clamp) separately
+    for start in range(0, x.numel(), HIST_SLICE):
+        part = x[start : start + HIST_SLICE]
+        h += torch.histc(part, bins=bins, min=lo, max=hi).double().numpy()
+        h[0] += int((part < lo).sum())
+        h[-1] += int((part > hi).sum())
     return h / h.sum()
 
 

@@ -155,15 +155,6 @@ class _Run:
             if not w.dtype.is_floating_point:
                 self._status(ref.name, "quantized", f"loaded as {w.dtype}")
                 continue
-            if not quiet:
-                bad = int((~torch.isfinite(w)).sum())
-                if bad:
-                    self._status(ref.name, "nonfinite", f"{bad} NaN/Inf value(s) of {w.numel()}")
-                    continue
-                if not bool(w.any()):
-                    self._status(ref.name, "zero", "all weights are zero")
-                    self.rows[ref.name]["frobenius_norm"] = 0.0
-                    continue
             good.append((chunk.index(ref), ref, w))
         return good
 
@@ -171,15 +162,24 @@ class _Run:
         if not loaded:
             return
         mats = [w for _, _, w in loaded]
-        lam = compute.eigenvalues(mats, self.device, self.dtype, self.cfg.method).double().numpy()
+        lam_t, finite = compute.eigenvalues(mats, self.device, self.dtype, self.cfg.method)
+        lam = lam_t.double().numpy()
         if self.cfg.randomize:
             shuffled = [w.reshape(-1)[torch.randperm(w.numel(), generator=self.gen)].reshape(w.shape) for w in mats]
-            lam_rand = compute.eigenvalues(shuffled, self.device, self.dtype, self.cfg.method).double().numpy()
+            lam_rand = compute.eigenvalues(shuffled, self.device, self.dtype, self.cfg.method)[0].double().numpy()
         for i, (_, ref, w) in enumerate(loaded):
             ev = lam[i]
             row = self.rows[ref.name]
+            if not bool(finite[i]):
+                bad = int((~torch.isfinite(w)).sum())  # only bad matrices pay for a full pass
+                self._status(ref.name, "nonfinite", f"{bad} NaN/Inf value(s) of {w.numel()}")
+                continue
             if ev[-1] <= 0:
-                self._status(ref.name, "zero", "spectrum is zero to working precision")
+                if not bool(w.any()):
+                    self._status(ref.name, "zero", "all weights are zero")
+                    row["frobenius_norm"] = 0.0
+                else:
+                    self._status(ref.name, "zero", "spectrum is zero to working precision")
                 continue
             self.spectra[ref.name] = ev.astype(np.float64)
             row.update(spectral.norm_metrics(ev, ref.rows, ref.cols))

@@ -246,43 +246,43 @@ def from_folder(folder: Path) -> WeightSource:
 def from_safetensors_files(
     files: list[Path], identity: str, config: dict[str, Any] | None = None
 ) -> WeightSource:
+    """Matrices of safetensors files, each read by its own short-lived handle.
+
+    A handle kept open for the whole run keeps every page it ever touched mapped,
+    so resident memory would grow to the model's size (the leak users report in
+    other tools); opening per read lets the mapping go with the tensor.
+    """
     from safetensors import SafetensorError, safe_open
 
     config = config or {}
-    stack = ExitStack()
     transpose_conv1d = config.get("model_type") in _CONV1D_MODELS
     refs: list[WeightRef] = []
-    try:
-        for path in files:
-            try:
-                handle = stack.enter_context(safe_open(str(path), framework="pt"))
-            except (SafetensorError, OSError, ValueError) as err:
-                raise SourceError(f"cannot read safetensors file {path}: {err} (truncated or corrupt?)") from err
-            for name in handle.keys():
-                sl = handle.get_slice(name)
-                shape = tuple(int(d) for d in sl.get_shape())
-                if len(shape) < 2:
-                    continue
-                dtype = str(sl.get_dtype())
-                if dtype not in _FLOAT_DTYPES and not _is_weight_name(name):
-                    continue  # integer buffers (position_ids...) are bookkeeping, not weights
-                transpose = transpose_conv1d and bool(_CONV1D_NAME.search(name)) and len(shape) == 2
-                if transpose:
-                    shape = (shape[1], shape[0])
-                refs.append(
-                    WeightRef(
-                        name=name,
-                        shape=shape,
-                        dtype=dtype,
-                        loader=_safetensors_loader(handle, name, path, transpose),
-                        quantized=dtype not in _FLOAT_DTYPES,
-                    )
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                entries = [(name, handle.get_slice(name)) for name in handle.keys()]
+                listed = [(name, tuple(int(d) for d in sl.get_shape()), str(sl.get_dtype())) for name, sl in entries]
+        except (SafetensorError, OSError, ValueError) as err:
+            raise SourceError(f"cannot read safetensors file {path}: {err} (truncated or corrupt?)") from err
+        for name, shape, dtype in listed:
+            if len(shape) < 2:
+                continue
+            if dtype not in _FLOAT_DTYPES and not _is_weight_name(name):
+                continue  # integer buffers (position_ids...) are bookkeeping, not weights
+            transpose = transpose_conv1d and bool(_CONV1D_NAME.search(name)) and len(shape) == 2
+            if transpose:
+                shape = (shape[1], shape[0])
+            refs.append(
+                WeightRef(
+                    name=name,
+                    shape=shape,
+                    dtype=dtype,
+                    loader=_safetensors_loader(path, name, transpose),
+                    quantized=dtype not in _FLOAT_DTYPES,
                 )
-    except Exception:
-        stack.close()
-        raise
+            )
     _mark_file_ties(refs, config)
-    return WeightSource(identity=identity, refs=refs, config=config, _stack=stack)
+    return WeightSource(identity=identity, refs=refs, config=config)
 
 
 def _is_weight_name(name: str) -> bool:
@@ -290,10 +290,13 @@ def _is_weight_name(name: str) -> bool:
     return "weight" in name.rsplit(".", 1)[-1]
 
 
-def _safetensors_loader(handle: Any, name: str, path: Path, transpose: bool) -> Callable[[], torch.Tensor]:
+def _safetensors_loader(path: Path, name: str, transpose: bool) -> Callable[[], torch.Tensor]:
+    from safetensors import safe_open
+
     def load() -> torch.Tensor:
         try:
-            t = handle.get_tensor(name)
+            with safe_open(str(path), framework="pt") as handle:
+                t = handle.get_tensor(name)
         except Exception as err:  # safetensors raises its own error types
             raise SourceError(f"cannot read tensor '{name}' from {path}: {err}") from err
         return t.t() if transpose else t
