@@ -194,6 +194,10 @@ def train(
     except (TrainConfigError, PlanError, FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as err:
         _c.err.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from None
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns; one prints
+        return
     t = Table(title=f"run {result.run_dir}")
     t.add_column("metric")
     t.add_column("value", justify="right")

@@ -2,6 +2,10 @@
 
 They act only at epoch ends or every N steps, never inside the step itself, so a
 plan costs the training loop nothing between re-plans.
+
+Under several processes (torchrun, accelerate launch) every rank re-plans from its
+own copy of the weights (DDP keeps them identical), then takes rank 0's plan so the
+rates agree by construction; only rank 0 writes files into the run folder.
 """
 
 from __future__ import annotations
@@ -34,6 +38,30 @@ def _analysis(model: torch.nn.Module, cache: dict[str, Any], step: int) -> Any:
     return cache["result"]
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def agree_across_ranks(plan: Plan) -> tuple[Plan, bool]:
+    """Rank 0's plan on every rank, and whether this rank's own plan was already identical.
+
+    Each rank computes its plan from its own weights; DDP keeps those bitwise equal, so
+    the plans should match. One small broadcast per re-plan makes that a guarantee
+    (ranks training at different rates would silently drift apart).
+    """
+    if not _distributed():
+        return plan, True
+    import torch.distributed as dist
+
+    mine = plan.model_dump(mode="json")
+    box = [mine if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    theirs = box[0]
+    return (plan, True) if theirs == mine else (Plan.model_validate(theirs), False)
+
+
 class ReplanCallback(TrainerCallback):
     """Recompute the plan on the current weights and move each group's rate, keeping the schedule's shape.
 
@@ -64,17 +92,25 @@ class ReplanCallback(TrainerCallback):
                        lr_scheduler: Any = None, **kw: Any) -> None:
         epoch = int(round(state.epoch or 0))
         if self.section.replan == "epoch" and epoch > self.planned_epoch:
-            self.replan(model, optimizer, lr_scheduler, epoch, state.global_step)
+            self.replan(model, optimizer, lr_scheduler, epoch, state.global_step, save=state.is_world_process_zero)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                     lr_scheduler: Any = None, **kw: Any) -> None:
         n = self.section.replan_every_steps
         if self.section.replan == "steps" and n and state.global_step % n == 0:
-            self.replan(model, optimizer, lr_scheduler, int(state.epoch or 0), state.global_step)
+            self.replan(model, optimizer, lr_scheduler, int(state.epoch or 0), state.global_step,
+                        save=state.is_world_process_zero)
 
-    def replan(self, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any, epoch: int, step: int) -> Plan:
+    def replan(self, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any, epoch: int, step: int,
+               save: bool = True) -> Plan:
+        """Re-plan on this rank's weights, then adopt rank 0's plan; ``save`` (rank 0) writes it under plans/.
+
+        Under DDP (and DeepSpeed ZeRO-1/2) the Trainer hands callbacks its unwrapped model,
+        whose parameter names are the optimizer groups' names.
+        """
         result = _analysis(model, self.cache, step)
         new = make_plan(result, self.section.policy or "uniform", self._params(epoch), one_d_rule=self.section.one_d_rule)
+        new, agreed = agree_across_ranks(new)
         scales = {g["name"]: g["lr_scale"] for g in param_groups(model, new, 1.0, self.weight_decay)}
         sched = getattr(lr_scheduler, "scheduler", lr_scheduler)
         lambdas = getattr(sched, "lr_lambdas", None)
@@ -91,13 +127,14 @@ class ReplanCallback(TrainerCallback):
         self.plan = new
         self.planned_epoch = epoch
         path = self.run_dir / "plans" / f"plan-epoch{epoch}-step{step}.yaml"
-        new.save(path)
-        self.history.append({"epoch": epoch, "step": step, "plan": str(path), "notes": new.notes})
+        if save:
+            new.save(path)
+        self.history.append({"epoch": epoch, "step": step, "plan": str(path), "notes": new.notes, "ranks_agreed": agreed})
         return new
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.exists():
+        if state.is_world_process_zero and ckpt.exists():
             self.plan.save(ckpt / "spectune_plan.yaml")
             _io.write_json(ckpt / STATE_FILE, {"planned_epoch": self.planned_epoch})
 
@@ -119,19 +156,26 @@ class SpectralTracker(TrainerCallback):
         self.metrics = metrics
         self.every = every_steps
         self.cache = cache
+        self.run_dir = run_dir
         self.frames: list[pd.DataFrame] = []
+        self.writer: Any = None
+        self.writes = False  # set at train begin: every rank analyzes (same points, shared cache), rank 0 writes
+
+    def _open(self) -> None:
+        self.writes = True
         if self.path.exists():  # a resumed run continues its trajectory
             self.frames.append(pd.read_parquet(self.path))
-        self.writer: Any = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard" / "spectra"))
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard" / "spectra"))
         except Exception:  # tensorboard is optional
             self.writer = None
 
     def record(self, model: torch.nn.Module, step: int, epoch: float) -> None:
         result = _analysis(model, self.cache, step)
+        if not self.writes:
+            return
         cols = ["name", "module_type", "layer_index"] + [m for m in self.metrics if m in result.metrics]
         df = result.metrics[cols].copy()
         df.insert(0, "epoch", float(epoch))
@@ -149,6 +193,8 @@ class SpectralTracker(TrainerCallback):
             self.writer.flush()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        if state.is_world_process_zero and not self.writes:
+            self._open()
         if state.global_step == 0:
             self.record(model, 0, 0.0)
 
@@ -172,7 +218,7 @@ class MetricsLog(TrainerCallback):
             fh.write(json.dumps(_io.to_jsonable(record)) + "\n")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-        if logs:
+        if logs and state.is_world_process_zero:
             self.write({"step": state.global_step, "epoch": state.epoch, **logs})
 
 

@@ -9,6 +9,7 @@ or adapter in safetensors.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -148,6 +149,15 @@ def compute_metrics_fn(task: str) -> Any:
 # --- the run ------------------------------------------------------------------------------------
 
 
+def _world() -> tuple[int, bool]:
+    """(world size, whether this process is rank 0) from the launcher's environment (torchrun, accelerate launch).
+
+    Read before the Trainer exists (it sets up the process group), so files written
+    before training are written by rank 0 alone.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
     ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return ckpts[-1] if ckpts else None
@@ -159,14 +169,19 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     ``extra_callbacks`` are added to the Trainer (progress hooks, or a test's simulated crash).
     """
     t0 = time.perf_counter()
+    world, main = _world()
     run_dir = Path(cfg.output.dir)
+    # Every rank checks the folder before any rank writes to it. No rank can write a
+    # checkpoint before all ranks have joined the first training step, so the ranks
+    # see the same checkpoints here and agree on refusing (or resuming).
     ckpt = last_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
     if not resume and last_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another output.dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    _io.write_text(run_dir / "config.yaml", cfg.to_yaml())
+    if main:
+        _io.write_text(run_dir / "config.yaml", cfg.to_yaml())
     set_seed(cfg.train.seed)
 
     splits = load_data(cfg.data)
@@ -176,10 +191,11 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     model, tok = load_model(cfg, task, len(splits.label_names or []) or None)
     data = tokenize(splits, tok, cfg.model.max_length)
 
-    steps_per_epoch = math.ceil(len(data["train"]) / (cfg.train.batch_size * cfg.train.grad_accum))
+    steps_per_epoch = math.ceil(len(data["train"]) / (cfg.train.batch_size * cfg.train.grad_accum * world))
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(steps_per_epoch * cfg.train.epochs)
 
-    # the plan: from the base weights (or a fixed file), restored from the checkpoint on resume
+    # the plan: from the base weights (or a fixed file), restored from the checkpoint on resume.
+    # Every rank computes it from the same files and seed, so every rank holds the same plan.
     plan: Plan | None = None
     planned_epoch = 0
     if ckpt is not None:
@@ -193,7 +209,8 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         plan = make_plan(analyze(model, progress=False), cfg.plan.policy, params, one_d_rule=cfg.plan.one_d_rule)
     if plan is not None:
         match_names(list(plan.lr_scale), [n for n, _ in model.named_parameters()])  # fail before training
-        plan.save(run_dir / "plans" / "plan-epoch0-step0.yaml") if not resume else None
+        if main and not resume:
+            plan.save(run_dir / "plans" / "plan-epoch0-step0.yaml")
 
     model = apply_method(model, cfg.method, task, plan, total_steps)
     trainable, total = count_trainable(model)
@@ -245,6 +262,7 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         disable_tqdm=not cfg.logging.progress,
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,
         dataloader_num_workers=0,
     )
     trainer = SpectralTrainer(
@@ -258,6 +276,11 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         group_fn=group_fn if plan is not None else None,
         guard=guard,
     )
+    if task == "classification":
+        # the classification loss is a per-batch mean that ignores num_items_in_batch: without this the
+        # Trainer multiplies it by the number of processes (and skips the division by grad_accum)
+        trainer.model_accepts_loss_kwargs = False
+    main = trainer.is_world_process_zero()
     train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     if guard.bad_step is not None:
         good = last_checkpoint(run_dir)
@@ -278,10 +301,12 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
             results[f"gap_{k}"] = results[f"train_{k}"] - results[f"test_{k}"]
     if "train_loss" in results and "test_loss" in results:
         results["gap_loss"] = results["test_loss"] - results["train_loss"]
-    metrics_log.write({"step": trainer.state.global_step, "kind": "final", **results})
+    if main:
+        metrics_log.write({"step": trainer.state.global_step, "kind": "final", **results})
     if cfg.output.save_final:
-        trainer.save_model(str(run_dir / "final"))
-        tok.save_pretrained(str(run_dir / "final"))
+        trainer.save_model(str(run_dir / "final"))  # rank 0 writes; every rank must call it (FSDP/DeepSpeed gather)
+        if main:
+            tok.save_pretrained(str(run_dir / "final"))
     summary = {
         "metrics": results,
         "task": task,
@@ -298,7 +323,8 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         "plans": [h["plan"] for h in replanner.history] if replanner else [],
         "data": splits.description,
     }
-    _io.write_json(run_dir / "summary.json", summary)
+    if main:
+        _io.write_json(run_dir / "summary.json", summary)
     return RunResult(run_dir=run_dir, metrics=results, plans=summary["plans"])
 
 
