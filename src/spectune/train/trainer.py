@@ -112,9 +112,12 @@ def tokenize(splits: TextSplits, tok: Any, max_length: int) -> dict[str, Any]:
                 ids.append(seq)
                 labels.append(([-100] * len(p) + r)[:max_length])
             return {"input_ids": ids, "attention_mask": [[1] * len(s) for s in ids], "labels": labels}
-        enc = tok(batch["text"], truncation=True, max_length=max_length)
-        enc["labels"] = [list(x) for x in enc["input_ids"]]
-        return enc
+        # plain text: every row is cut into max_length-token blocks, so long passages
+        # (a 2,000-character Shakespeare chunk) are learned whole instead of truncated
+        blocks: list[list[int]] = []
+        for ids in tok(batch["text"], add_special_tokens=True)["input_ids"]:
+            blocks += [ids[i : i + max_length] for i in range(0, len(ids), max_length) if len(ids[i : i + max_length]) >= 8]
+        return {"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks], "labels": [list(b) for b in blocks]}
 
     fn = cls_fn if splits.task == "classification" else lm_fn
     out = {}
