@@ -198,3 +198,26 @@ def test_stable_rank_plan_mixes_full_and_lora(assets, tmp_path):  # type: ignore
 def test_examples_are_valid_configs(path):  # type: ignore[no-untyped-def]
     cfg = load_config(path)
     assert cfg.data.name or cfg.data.path
+
+
+def test_time_aware_switch_freezes_settled_light_matrices(assets, tmp_path):  # type: ignore[no-untyped-def]
+    class Probe(TrainerCallback):
+        frozen_at_end: set[str] = set()
+
+        def on_train_end(self, args, state, control, model=None, **kw):  # type: ignore[no-untyped-def]
+            Probe.frozen_at_end = {n for n, p in model.named_parameters() if not p.requires_grad}
+
+    cfg = _cfg(assets, tmp_path / "run", method={"kind": "full"},
+               plan={"policy": "stable-rank", "replan": "never", "switch_to_light": True, "switch_tol": 0.5,
+                     "switch_patience": 1, "switch_every_steps": 3},
+               train={"epochs": 2, "lr": 1e-4})
+    run(cfg, extra_callbacks=[Probe()])
+    plan = yaml.safe_load((tmp_path / "run" / "plans" / "plan-epoch0-step0.yaml").read_text())
+    light = {t + ".weight" for t in plan["lora"]["target_modules"]}
+    switches = json.loads((tmp_path / "run" / "switches.json").read_text())
+    # with a loose tolerance every light matrix settles; heavy ones are never touched
+    assert set(switches["switched"]) == light
+    assert Probe.frozen_at_end == light
+    assert all(e["change"] < 0.5 for e in switches["events"])
+    with pytest.raises(ValueError, match="switch_to_light needs method.kind=full"):
+        run(_cfg(assets, tmp_path / "bad", method={"kind": "lora"}, plan={"policy": "stable-rank", "switch_to_light": True}))

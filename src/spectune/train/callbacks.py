@@ -243,3 +243,83 @@ class StopOnNonFinite(TrainerCallback):
             control.should_training_stop = True
             control.should_evaluate = False
 
+
+
+SWITCH_FILE = "spectune_switch.json"
+
+
+class StableRankSwitch(TrainerCallback):
+    """Time-aware half of the stable-rank calibration: when full tuning of a matrix stops paying.
+
+    Every matrix starts in full fine-tuning. At each check (epoch end, or every N
+    steps) the stable rank of each *lightweight* matrix (chosen by the stable-rank
+    plan) is compared with the previous check; once its relative change stays
+    below ``tol`` for ``patience`` checks in a row, the matrix is frozen for the
+    rest of the run. This rule and its defaults are spectune's own reading of the
+    paper's abstract ("when to start lightweight tuning"), not the paper's method.
+    Under several processes every rank sees the same weights and takes the same
+    decision.
+    """
+
+    def __init__(self, light: dict[str, str], tol: float, patience: int, every_steps: int, run_dir: Path,
+                 cache: dict[str, Any], switched: list[str] | None = None) -> None:
+        self.light = light  # analysis name -> model parameter name
+        self.tol, self.patience, self.every = tol, patience, every_steps
+        self.run_dir = run_dir
+        self.cache = cache
+        self.last: dict[str, float] = {}
+        self.calm: dict[str, int] = {}
+        self.switched: list[str] = list(switched or [])
+        self.events: list[dict[str, Any]] = []
+
+    def _freeze(self, model: torch.nn.Module, names: list[str]) -> None:
+        params = dict(model.named_parameters())
+        for n in names:
+            p = params.get(self.light.get(n, n))
+            if p is not None:
+                p.requires_grad_(False)
+                p.grad = None
+
+    def check(self, model: torch.nn.Module, step: int, epoch: float, main: bool = True) -> None:
+        df = _analysis(model, self.cache, step).metrics.set_index("name")
+        newly = []
+        for name in self.light:
+            if name in self.switched or name not in df.index:
+                continue
+            sr = float(df.loc[name, "stable_rank"])
+            prev = self.last.get(name)
+            self.last[name] = sr
+            if prev is None or not math.isfinite(sr):
+                continue
+            change = abs(sr - prev) / max(abs(prev), 1e-12)
+            self.calm[name] = self.calm.get(name, 0) + 1 if change < self.tol else 0
+            if self.calm[name] >= self.patience:
+                newly.append(name)
+                self.events.append({"step": step, "epoch": epoch, "name": name, "stable_rank": sr, "change": change})
+        if newly:
+            self.switched += newly
+            self._freeze(model, newly)
+            if main:
+                _io.write_json(self.run_dir / "switches.json", {"switched": self.switched, "events": self.events})
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        self._freeze(model, self.switched)  # a resumed run keeps earlier switches
+        self.check(model, state.global_step, state.epoch or 0.0, state.is_world_process_zero)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        if self.every and state.global_step % self.every == 0:
+            self.check(model, state.global_step, state.epoch or 0.0, state.is_world_process_zero)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        if not self.every:
+            self.check(model, state.global_step, state.epoch or 0.0, state.is_world_process_zero)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.exists() and state.is_world_process_zero:
+            _io.write_json(ckpt / SWITCH_FILE, {"switched": self.switched})
+
+
+def restore_switches(checkpoint: Path | None) -> list[str]:
+    path = checkpoint / SWITCH_FILE if checkpoint is not None else None
+    return list(json.loads(path.read_text())["switched"]) if path is not None and path.exists() else []

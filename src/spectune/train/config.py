@@ -46,6 +46,14 @@ class PlanSection(_Section):
     replan: Literal["never", "epoch", "steps"] = Field("epoch", description="when to re-analyze and re-plan")
     replan_every_steps: int = Field(0, ge=0)
     one_d_rule: Literal["owner", "base"] = "owner"
+    switch_to_light: bool = Field(
+        False,
+        description="time-aware calibration (seed 001): train everything in full, then freeze the plan's "
+        "lightweight matrices once their stable rank settles",
+    )
+    switch_tol: float = Field(0.01, gt=0, description="settled: relative stable-rank change below this per check")
+    switch_patience: int = Field(2, ge=1, description="consecutive settled checks before a matrix switches")
+    switch_every_steps: int = Field(0, ge=0, description="0: check at epoch ends")
 
 
 class TrainSection(_Section):

@@ -215,7 +215,20 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         if main and not resume:
             plan.save(run_dir / "plans" / "plan-epoch0-step0.yaml")
 
-    model = apply_method(model, cfg.method, task, plan, total_steps)
+    light: dict[str, str] = {}
+    if cfg.plan.switch_to_light:
+        if plan is None or plan.lora is None or cfg.method.kind != "full":
+            raise ValueError(
+                "plan.switch_to_light needs method.kind=full and a plan with lightweight matrices "
+                "(policy stable-rank with low: lora)"
+            )
+        wanted = [t + ".weight" for t in plan.lora.target_modules]
+        light = match_names(wanted, [n for n, _ in model.named_parameters()])
+        # everything trains in full until the switch; the plan's rates still apply
+        plan_for_method: Plan | None = plan.model_copy(update={"trainable": None, "lora": None})
+    else:
+        plan_for_method = plan
+    model = apply_method(model, cfg.method, task, plan_for_method, total_steps)
     trainable, total = count_trainable(model)
     if trainable == 0:
         raise ValueError("nothing to train: the method and plan leave no parameter with requires_grad")
@@ -231,6 +244,9 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     callbacks.append(cb.SpectralTracker(run_dir, cfg.logging.track_metrics, cfg.logging.track_spectra_every_steps, cache))
     if cfg.method.kind == "adalora":
         callbacks.append(cb.AdaLoraBudget())
+    if light:
+        callbacks.append(cb.StableRankSwitch(light, cfg.plan.switch_tol, cfg.plan.switch_patience,
+                                             cfg.plan.switch_every_steps, run_dir, cache, cb.restore_switches(ckpt)))
     callbacks += list(extra_callbacks or [])
 
     def group_fn(m: torch.nn.Module) -> list[dict[str, Any]]:
