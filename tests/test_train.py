@@ -119,6 +119,7 @@ def test_full_finetuning_learns_the_toy_task(assets, tmp_path):  # type: ignore[
 def test_lora_adaptive_rank_causal_lm(assets, tmp_path):  # type: ignore[no-untyped-def]
     cfg = _cfg(
         assets, tmp_path / "run",
+        logging={"tensorboard": True, "progress": False, "every_steps": 2},
         model={"name": str(assets / "llama"), "max_length": 24},
         data={"path": str(assets / "lm.jsonl")},
         method={"kind": "lora"},
@@ -133,6 +134,9 @@ def test_lora_adaptive_rank_causal_lm(assets, tmp_path):  # type: ignore[no-unty
     adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     plan = yaml.safe_load((tmp_path / "run" / "plans" / "plan-epoch0-step0.yaml").read_text())
     assert sorted(adapter["rank_pattern"].values()) == sorted(plan["lora"]["rank_pattern"].values())
+    # TensorBoard: the Trainer's scalars and the tracked spectra, both inside the run folder
+    assert list((tmp_path / "run" / "tensorboard" / "trainer").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "run" / "tensorboard" / "spectra").glob("events.out.tfevents.*"))
 
 
 class Crash(TrainerCallback):

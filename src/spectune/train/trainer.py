@@ -254,6 +254,9 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         assert current is not None
         return param_groups(m, current, cfg.train.lr, cfg.train.weight_decay)
 
+    if cfg.logging.tensorboard:
+        # the Trainer's TensorBoard callback reads its folder from the environment; keep it in the run folder
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard" / "trainer")
     args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=cfg.train.epochs,
