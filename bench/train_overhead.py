@@ -488,6 +488,10 @@ def _summarise_run(rec: dict, warmup: int) -> dict:
             "analysis_total_s": total("analysis"),
             "replan_total_s": total("replan"),
             "record_total_s": total("record"),
+            # the tracker's own writes (parquet table, TensorBoard scalars): record time minus its analysis
+            "record_writes_total_s": total("record") - sum(
+                a["s"] for a in spans if a["what"] == "analysis"
+                and any(r["t"] <= a["t"] and a["t"] + a["s"] <= r["t"] + r["s"] + 1e-9 for r in spans if r["what"] == "record")),
         },
     }
     if "summary" in rec:
@@ -695,6 +699,18 @@ def main() -> None:
             "epoch_s_for_5pct": statistics.fmean(e["total_s"] for e in events) / (TARGET_REPLAN_PCT_OF_EPOCH / 100) if events else None,
         }
         entry["delta_pct_of_plain_step"] = {k: v / (1e3 * p_med) * 100 for k, v in entry["delta_ms"].items()}
+        # the parts of a step whose work differs (optimizer grouping, callbacks); forward/backward/clip
+        # run the same computation in both, so their difference is run-to-run noise (see plain_analyzed)
+        entry["step_overhead_components_pct"] = entry["delta_pct_of_plain_step"]["optimizer_s"] + entry["delta_pct_of_plain_step"]["after_s"]
+        sums = [_summarise_run(rec, a.warmup_steps) for rec in ok(kind)]
+        if kind.startswith("spectune"):
+            entry["spectral_work_in_train_s_mean"] = statistics.fmean(x["spectral"]["record_total_s"] + x["spectral"]["replan_total_s"] for x in sums)
+            entry["tracker_writes_s_mean"] = statistics.fmean(x["spectral"]["record_writes_total_s"] for x in sums)
+            entry["analyses_in_train_mean"] = statistics.fmean(sum(1 for c in x["spectral"]["analysis_calls"] if c["s"] > 0.05) for x in sums)
+            entry["initial_analysis_s_mean"] = statistics.fmean(x["spectral"]["initial_analysis_s"] for x in sums)
+            entry["summary_analysis_time_s"] = [x.get("summary", {}).get("analysis_time_s") for x in sums]
+            entry["train_runtime_s"] = [x["train_runtime_s"] for x in sums]
+            entry["train_runtime_plain_s"] = [x["train_runtime_s"] for x in (_summarise_run(r, a.warmup_steps) for r in ok("plain"))]
         if kind.startswith("spectune"):
             entry["target_step_met"] = entry["step_overhead_pct"] <= TARGET_STEP_OVERHEAD_PCT
             entry["target_replan_met"] = entry["replan_pct_of_epoch_max"] is not None and entry["replan_pct_of_epoch_max"] <= TARGET_REPLAN_PCT_OF_EPOCH
@@ -748,7 +764,8 @@ def main() -> None:
               f"{h['step_overhead_pct']:+.2f}% (pairs: {', '.join(f'{x:+.2f}' for x in h['step_overhead_per_pair_pct'])}; "
               f"paired steps {h['step_overhead_paired_steps_median_pct']:+.2f}%); "
               f"delta ms fwd/bwd {h['delta_ms']['fwd_bwd_clip_s']:+.1f}, optimizer {h['delta_ms']['optimizer_s']:+.1f}, "
-              f"after {h['delta_ms']['after_s']:+.1f}; re-plan max {rp} of a {h['epoch_plain_mean_s']:.1f} s epoch{tgt}")
+              f"after {h['delta_ms']['after_s']:+.1f} (optimizer + after: {h['step_overhead_components_pct']:+.2f}% of a step); "
+              f"re-plan max {rp} of a {h['epoch_plain_mean_s']:.1f} s epoch{tgt}")
     if profile:
         print("\nprofile (median ms over interleaved rounds):")
         for k, v in profile["optimizer_step_s"].items():
