@@ -1,19 +1,8 @@
-"""Plots and a single-file HTML report of an analysis.
-
-The report is meant to be mailed, attached to a ticket or opened years later, so
-it is one HTML file with its images inlined as base64 PNGs and its CSS inline:
-no network, no JavaScript, nothing next to it that can go missing.
-
-Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas rather than
-through pyplot: nothing touches the global backend or pyplot's figure registry,
-so plotting works headless and never leaks figures however many are drawn.
-"""
+"""Plots and a single-file HTML report of an analysis (shared page pieces live in ``spectune._html``)."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 import re
@@ -22,15 +11,13 @@ from typing import Any, Literal, Mapping
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from spectune import _io
+from spectune._html import DPI, page, figure as _figure, fmt as _fmt, gallery as _gallery, save_png as _save, table as _table
 from spectune.analyze.result import COLUMNS, KEY_METRICS, AnalysisResult
 
 EsdMode = Literal["all", "summary", "none"]
-DPI = 90
 # "summary" mode stays readable (and the HTML a few MB at most) on models with hundreds of matrices
 MAX_SUMMARY_ESD = 40
 _OWN_PLOTS = ("esd_*.png", "depth_*.png")
@@ -142,19 +129,10 @@ def _log_axes(ax: Any) -> None:
         axis.set_minor_formatter(NullFormatter())
 
 
-def _figure(size: tuple[float, float], right: float = 0.97) -> tuple[Figure, Any]:
-    # fixed margins: every plot has the same furniture, and a layout engine would redraw each figure twice
-    fig = Figure(figsize=size, dpi=DPI)
-    FigureCanvasAgg(fig)
-    fig.subplots_adjust(left=0.12, right=right, bottom=0.13, top=0.92)
-    return fig, fig.add_subplot()
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    fig.clear()  # not in pyplot's registry, so this is all "closing" needs
-    return _io.write_bytes(path, buf.getvalue())
+
+
 
 
 # -- which spectra to draw ------------------------------------------------------------
@@ -237,11 +215,6 @@ def _html(
     source = result.source or "(in-memory model)"
 
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>spectune report: {esc(source)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>spectune report</h1><p class=source>{esc(source)}</p>",
         "<h2>Model summary</h2>",
         _table(pd.DataFrame({"quantity": list(model), "value": list(model.values())})),
         "<h2>Matrix status</h2>",
@@ -270,46 +243,17 @@ def _html(
         "<details><summary>config and timings</summary><pre>"
         + esc(json.dumps(_io.to_jsonable({"config": result.config, "timings": result.timings}), indent=2))
         + "</pre></details>",
-        "</body></html>",
     ]
-    return "\n".join(parts) + "\n"
+    return page("spectune report", parts, subtitle=source)
 
 
-def _gallery(items: list[tuple[str, Path]], kind: str) -> str:
-    figs = []
-    for caption, path in items:
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        alt = html.escape(f"{kind}: {caption}", quote=True)
-        figs.append(
-            f'<figure><img class="{kind}" alt="{alt}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
-    return '<div class="gallery">' + "".join(figs) + "</div>"
 
 
-def _table(df: pd.DataFrame, flag: bool = False) -> str:
-    """An HTML table with numbers at 4 significant digits; ``flag`` marks rows whose status is not ok."""
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    body = []
-    for rec in df.to_dict(orient="records"):
-        cls = ' class="bad"' if flag and rec.get("status", "ok") != "ok" else ""
-        cells = "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in rec.values())
-        body.append(f"<tr{cls}>{cells}</tr>")
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
-def _fmt(v: Any) -> str:
-    if v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and math.isnan(v)):
-        return ""
-    if isinstance(v, (bool, np.bool_)):
-        return str(bool(v))
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        return f"{float(v):.4g}"
-    if isinstance(v, dict):
-        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
-    return str(v)
+
+
+
 
 
 def _num(row: Mapping[str, Any], key: str) -> float:
@@ -327,18 +271,3 @@ def _safe(name: str) -> str:
 
 def _shorten(text: str, n: int) -> str:
     return text if len(text) <= n else "..." + text[-(n - 3) :]
-
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1400px;padding:0 1em;color:#222}
-h1{margin-bottom:0}.source{color:#555;font-family:monospace;margin-top:.2em}
-h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-.scroll{overflow-x:auto;max-height:80vh}
-table{border-collapse:collapse;font-size:12px}
-th,td{border:1px solid #ddd;padding:2px 6px;text-align:right;white-space:nowrap}
-th{background:#f3f3f3;position:sticky;top:0}td:first-child{text-align:left}
-tr.bad td{background:#fde2e2}.warn{color:#a00;font-weight:bold}
-.gallery{display:flex;flex-wrap:wrap;gap:10px}
-figure{margin:0;border:1px solid #eee;padding:4px}figure img{display:block;max-width:100%}
-figcaption{font-size:11px;color:#555;font-family:monospace;max-width:540px;overflow-wrap:anywhere}
-""".strip()

@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from spectune import _io
-from spectune.analyze.report import _CSS, _gallery, _table, plot_depth
+from spectune._html import gallery, page, table as html_table
+from spectune.analyze.report import plot_depth
 from spectune.analyze.result import AnalysisResult
 from spectune.plan.build import plan_table
 from spectune.plan.schema import Plan
@@ -27,11 +28,6 @@ def write_plan_report(plan: Plan, analysis: AnalysisResult, path: str | Path) ->
     esc = html.escape
     params = ", ".join(f"{k}={v}" for k, v in plan.params.items())
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>spectune plan: {esc(plan.policy)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>spectune plan: {esc(plan.policy)}</h1>",
-        f"<p class=source>{esc(plan.model)} (analysis {esc(plan.analysis_digest)})</p>",
         f"<p>parameters: {esc(params) or '(defaults)'}; scale bounds [{plan.min_scale}, {plan.max_scale}]</p>",
         "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in plan.notes) + "</ul>",
     ]
@@ -42,9 +38,9 @@ def write_plan_report(plan: Plan, analysis: AnalysisResult, path: str | Path) ->
         )
     parts += [
         "<h2>Decisions by depth</h2>",
-        _gallery(figs, "depth") if figs else "<p>All matrices get the same decision.</p>",
+        gallery(figs, "depth") if figs else "<p>All matrices get the same decision.</p>",
         "<h2>Per-matrix decisions</h2>",
-        _table(table),
-        "</body></html>",
+        html_table(table),
     ]
-    return _io.write_text(path, "\n".join(parts) + "\n")
+    doc = page(f"spectune plan: {plan.policy}", parts, subtitle=f"{plan.model} (analysis {plan.analysis_digest})")
+    return _io.write_text(path, doc)
