@@ -141,6 +141,19 @@ def test_select_top_fraction_per_type():
     assert "emb.weight" in (p2.trainable or [])
 
 
+def test_random_select_matches_select_sizes_and_varies_with_seed():
+    rows = [{"name": f"b.{i}.q.weight", "module_type": "attn_q", "snr": float(i)} for i in range(8)]
+    rows += [{"name": f"b.{i}.up.weight", "module_type": "ffn_up", "snr": float(i)} for i in range(8)]
+    chosen = []
+    for seed in range(6):
+        p = plan(table(rows), "random-select", {"top_fraction": 0.25, "seed": seed})
+        picks = p.trainable or []
+        assert sum(".q." in n for n in picks) == 2 and sum(".up." in n for n in picks) == 2  # select's counts
+        assert p.trainable == plan(table(rows), "random-select", {"top_fraction": 0.25, "seed": seed}).trainable
+        chosen.append(tuple(picks))
+    assert len(set(chosen)) > 1  # 6 seeds drawing 2 of 8 twice: all equal has probability ~1e-14
+
+
 def test_stable_rank_split():
     rows = [{"name": f"b.{i}.q.weight", "module_type": "attn_q", "stable_rank": float(i + 1)} for i in range(4)]
     p = plan(table(rows), "stable-rank", {"quantile": 0.5})

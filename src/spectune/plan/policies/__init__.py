@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from spectune.plan.policies import adaptive_rank, alpha_balance, phased, select, stable_rank, uniform
+from spectune.plan.policies import adaptive_rank, alpha_balance, phased, random_select, select, stable_rank, uniform
 from spectune.plan.policies._common import Decisions, PolicyConfig
 
 POLICIES: dict[str, tuple[type[PolicyConfig], Callable[[pd.DataFrame, Any], Decisions]]] = {
@@ -16,6 +16,7 @@ POLICIES: dict[str, tuple[type[PolicyConfig], Callable[[pd.DataFrame, Any], Deci
     "alpha-balance": (alpha_balance.AlphaBalanceConfig, alpha_balance.make),
     "adaptive-rank": (adaptive_rank.AdaptiveRankConfig, adaptive_rank.make),
     "select": (select.SelectConfig, select.make),
+    "random-select": (random_select.RandomSelectConfig, random_select.make),
     "stable-rank": (stable_rank.StableRankConfig, stable_rank.make),
 }
 

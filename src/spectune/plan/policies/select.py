@@ -24,8 +24,8 @@ class SelectConfig(PolicyConfig):
     include_other: bool = False
 
 
-def make(metrics: pd.DataFrame, cfg: SelectConfig) -> Decisions:
-    rows = usable(metrics)
+def selectable_types(cfg: SelectConfig) -> list[str]:
+    """Module types that compete for training (block matrices, plus what the config adds)."""
     types = list(BLOCK_TYPES)
     if cfg.include_embeddings:
         types.append("embedding")
@@ -33,6 +33,12 @@ def make(metrics: pd.DataFrame, cfg: SelectConfig) -> Decisions:
         types.append("lm_head")
     if cfg.include_other:
         types.append("other")
+    return types
+
+
+def make(metrics: pd.DataFrame, cfg: SelectConfig) -> Decisions:
+    rows = usable(metrics)
+    types = selectable_types(cfg)
     out = Decisions(lr_scale={n: 1.0 for n in rows["name"]}, min_scale=1.0, max_scale=1.0)
     trainable: list[str] = []
     for kind in types:
