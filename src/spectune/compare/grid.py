@@ -1,0 +1,159 @@
+"""Running a comparison grid: cells one after another, finished cells kept, the table rewritten after each.
+
+A cell is finished when its run folder holds ``summary.json`` (written last, and
+atomically, by ``spectune.train``), so an interrupted grid resumes where it
+stopped: finished cells are read back, a half-run cell resumes from its last
+checkpoint when it saved one and starts over otherwise. A cell that fails (a
+diverged loss, bad data) becomes a row with ``status=failed`` and its error; the
+grid goes on, and a later run tries it again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from spectune import _io, _memory
+from spectune.compare.config import CompareConfig, cell_config, cell_dir
+
+RESULTS = "results"  # results.parquet and results.csv in the output folder
+FAILED_FILE = "failed.json"
+# Identity columns first, then what a reader looks for; metric columns follow in sorted order.
+ID_COLUMNS = ["task", "method", "seed", "status", "task_type", "method_kind", "policy"]
+COST_COLUMNS = ["trainable_parameters", "total_parameters", "wall_time_s", "train_runtime_s", "analysis_time_s",
+                "peak_memory_mb", "global_step"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    method: str
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.task} / {self.method} / seed {self.seed}"
+
+
+def cells(cfg: CompareConfig) -> list[Cell]:
+    """Seed-major order: after the first seed every method has one result, so a cut-short grid is still paired."""
+    return [Cell(t, m, s) for s in cfg.seeds for t in cfg.tasks for m in cfg.methods]
+
+
+def row_from_summary(cell: Cell, summary: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "task": cell.task, "method": cell.method, "seed": cell.seed, "status": "ok",
+        "task_type": summary.get("task"), "method_kind": summary.get("method"), "policy": summary.get("policy") or "",
+    }
+    for k in COST_COLUMNS:
+        row[k] = summary.get(k)
+    for k, v in (summary.get("metrics") or {}).items():
+        if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_samples_per_second", "_steps_per_second")):
+            row[k] = float(v)
+    return row
+
+
+def run_cell(cfg: CompareConfig, cell: Cell) -> dict[str, Any]:
+    """Train one cell (or read it back when finished) and return its row of the results table."""
+    from spectune.train.trainer import last_checkpoint, run
+
+    folder = cell_dir(cfg, cell.task, cell.method, cell.seed)
+    summary_path = folder / "summary.json"
+    if summary_path.exists():
+        return row_from_summary(cell, json.loads(summary_path.read_text()))
+    train_cfg = cell_config(cfg, cell.task, cell.method, cell.seed)
+    resume = last_checkpoint(folder) is not None
+    if folder.exists() and not resume:
+        shutil.rmtree(folder)  # a cell cut short before its first checkpoint: nothing in it to keep
+    _memory.reset_peak()
+    t = time.perf_counter()
+    try:
+        run(train_cfg, resume=resume)
+    except Exception as err:  # noqa: BLE001 - one failed cell must not end the grid; the row says what happened
+        msg = f"{type(err).__name__}: {err}"
+        _io.write_json(folder / FAILED_FILE, {"error": msg, "traceback": traceback.format_exc()})
+        return {"task": cell.task, "method": cell.method, "seed": cell.seed, "status": "failed", "error": msg,
+                "wall_time_s": time.perf_counter() - t}
+    summary = json.loads(summary_path.read_text())
+    # in one long process ru_maxrss keeps the biggest cell's peak; this is the peak of this cell alone
+    summary["peak_memory_mb"] = _memory.peak_rss_mb()
+    _io.write_json(summary_path, summary)
+    (folder / FAILED_FILE).unlink(missing_ok=True)
+    return row_from_summary(cell, summary)
+
+
+def tidy(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=ID_COLUMNS)
+    first = [c for c in ID_COLUMNS + ["error"] if c in df]
+    metric_cols = sorted(c for c in df if c not in first and c not in COST_COLUMNS)
+    return df[first + metric_cols + [c for c in COST_COLUMNS if c in df]]
+
+
+def save_results(df: pd.DataFrame, out_dir: str | Path) -> None:
+    out = Path(out_dir)
+    with _io.atomic_path(out / f"{RESULTS}.parquet") as tmp:
+        df.to_parquet(tmp, index=False)
+    _io.write_text(out / f"{RESULTS}.csv", df.to_csv(index=False))
+
+
+def run_grid(cfg: CompareConfig, progress: bool = True,
+             on_cell: Callable[[Cell, dict[str, Any]], None] | None = None) -> pd.DataFrame:
+    """Every cell in order; the results table is rewritten after each, so it is never lost."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _io.write_text(out / "compare.yaml", _io_yaml(cfg))
+    todo = cells(cfg)
+    rows: list[dict[str, Any]] = []
+    bar = _Progress(len(todo)) if progress else None
+    try:
+        for cell in todo:
+            if bar is not None:
+                bar.start(cell)
+            row = run_cell(cfg, cell)
+            rows.append(row)
+            save_results(tidy(rows), out)
+            if on_cell is not None:
+                on_cell(cell, row)
+            if bar is not None:
+                bar.done(row)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return tidy(rows)
+
+
+def _io_yaml(cfg: CompareConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+class _Progress:
+    """One overall bar over the cells (the per-cell Trainer bars are off in a grid)."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.task = self.p.add_task("grid", total=total)
+        self.p.start()
+
+    def start(self, cell: Cell) -> None:
+        self.p.update(self.task, description=f"[bold]{cell.label}")
+
+    def done(self, row: dict[str, Any]) -> None:
+        if row.get("status") == "failed":
+            self.p.console.print(f"[red]failed[/red] {row['task']} / {row['method']} / seed {row['seed']}: {row['error']}")
+        self.p.advance(self.task)
+
+    def stop(self) -> None:
+        self.p.stop()
