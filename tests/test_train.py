@@ -204,24 +204,77 @@ def test_examples_are_valid_configs(path):  # type: ignore[no-untyped-def]
     assert cfg.data.name or cfg.data.path
 
 
-def test_time_aware_switch_freezes_settled_light_matrices(assets, tmp_path):  # type: ignore[no-untyped-def]
-    class Probe(TrainerCallback):
-        frozen_at_end: set[str] = set()
+class WeightProbe(TrainerCallback):
+    """Snapshots of chosen parameters after every step (by model name), and requires_grad at the end."""
 
-        def on_train_end(self, args, state, control, model=None, **kw):  # type: ignore[no-untyped-def]
-            Probe.frozen_at_end = {n for n, p in model.named_parameters() if not p.requires_grad}
+    def __init__(self, pick) -> None:  # type: ignore[no-untyped-def]
+        self.pick = pick
+        self.at: dict[int, dict[str, torch.Tensor]] = {}
+        self.trainable_end: set[str] = set()
 
-    cfg = _cfg(assets, tmp_path / "run", method={"kind": "full"},
-               plan={"policy": "stable-rank", "replan": "never", "switch_to_light": True, "switch_tol": 0.5,
-                     "switch_patience": 1, "switch_every_steps": 3},
-               train={"epochs": 2, "lr": 1e-4})
-    run(cfg, extra_callbacks=[Probe()])
-    plan = yaml.safe_load((tmp_path / "run" / "plans" / "plan-epoch0-step0.yaml").read_text())
+    def on_step_end(self, args, state, control, model=None, **kw):  # type: ignore[no-untyped-def]
+        self.at[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters() if self.pick(n)}
+
+    def on_train_end(self, args, state, control, model=None, **kw):  # type: ignore[no-untyped-def]
+        self.trainable_end = {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+SWITCH = {"policy": "stable-rank", "params": {"lora_rank": 2}, "replan": "never", "switch_to_light": True,
+          "switch_tol": 0.5, "switch_patience": 2, "switch_every_steps": 2}
+
+
+def test_time_aware_switch_moves_settled_light_matrices_to_lora(assets, tmp_path):  # type: ignore[no-untyped-def]
+    over = dict(method={"kind": "full"}, plan=SWITCH, train={"epochs": 1, "lr": 1e-3, "weight_decay": 0.1},
+                output={"save_every": "steps", "save_every_steps": 3})
+    probe = WeightProbe(lambda n: ".layer." in n and n.endswith("weight"))
+    ref = run(_cfg(assets, tmp_path / "ref", **over), extra_callbacks=[probe])
+    run_dir = tmp_path / "ref"
+    plan = yaml.safe_load((run_dir / "plans" / "plan-epoch0-step0.yaml").read_text())
     light = {t + ".weight" for t in plan["lora"]["target_modules"]}
-    switches = json.loads((tmp_path / "run" / "switches.json").read_text())
-    # with a loose tolerance every light matrix settles; heavy ones are never touched
-    assert set(switches["switched"]) == light
-    assert Probe.frozen_at_end == light
-    assert all(e["change"] < 0.5 for e in switches["events"])
+    switches = json.loads((run_dir / "switches.json").read_text())
+    # a loose tolerance: every light matrix settles after 2 calm checks (steps 2 and 4), heavy ones never switch
+    assert set(switches["switched"]) == light and {e["step"] for e in switches["events"]} == {4}
+    assert all(e["change"] < 0.5 and e["lora_rank"] == 2 for e in switches["events"])
+    mods = {n.removesuffix(".weight") for n in light}
+    base = {n for n in probe.at[4] if n.endswith(".base_layer.weight")}
+    assert {b.removesuffix(".base_layer.weight") for b in base} == mods
+    last = max(probe.at)
+    for b in base:
+        m = b.removesuffix(".base_layer.weight")
+        # before the switch the base weight trained in full and the adapter slept (B = 0) ...
+        assert not torch.equal(probe.at[1][b], probe.at[4][b])
+        assert torch.count_nonzero(probe.at[4][m + ".lora_B.default.weight"]) == 0
+        assert torch.equal(probe.at[2][m + ".lora_A.default.weight"], probe.at[4][m + ".lora_A.default.weight"])
+        # ... after it the base weight is frozen (no step, no weight decay) and the adapter trains
+        assert torch.equal(probe.at[4][b], probe.at[last][b])
+        assert torch.count_nonzero(probe.at[last][m + ".lora_B.default.weight"]) > 0
+        assert b not in probe.trainable_end and m + ".lora_B.default.weight" in probe.trainable_end
+    heavy = [n for n in probe.at[4] if "lora_" not in n and n not in base]
+    assert heavy and all(not torch.equal(probe.at[4][n], probe.at[last][n]) for n in heavy)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    adapters = sum(probe.at[last][n].numel() for n in probe.at[last] if ".lora_" in n)
+    frozen = sum(probe.at[last][n].numel() for n in base)
+    assert summary["trainable_parameters_end"] == summary["trainable_parameters"] - frozen + adapters
+    assert sorted(summary["switched_matrices"]) == sorted(light)
+    # final/ is a plain model with the adapters merged in: W + BA under the original names
+    from safetensors.torch import load_file
+
+    final = load_file(str(run_dir / "final" / "model.safetensors"))
+    assert not [k for k in final if "lora_" in k or "base_layer" in k]
+    b = sorted(base)[0]
+    m = b.removesuffix(".base_layer.weight")
+    lora_a, lora_b = probe.at[last][m + ".lora_A.default.weight"], probe.at[last][m + ".lora_B.default.weight"]
+    scaling = plan["lora"]["alpha_pattern"].get(m, plan["lora"]["lora_alpha"]) / 2
+    assert torch.allclose(final[m + ".weight"], probe.at[last][b] + scaling * lora_b @ lora_a, atol=1e-6)
+
+    # killed after the checkpoint at step 3 (one calm check counted, none switched), resumed: same switches, same end
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(assets, tmp_path / "cut", **over), extra_callbacks=[Crash(at=5)])
+    resumed = run(_cfg(assets, tmp_path / "cut", **over), resume=True)
+    again = json.loads((tmp_path / "cut" / "switches.json").read_text())
+    assert again["switched"] == switches["switched"] and again["events"] == switches["events"]
+    for k in ("test_loss", "test_accuracy", "validation_loss"):
+        assert resumed.metrics[k] == pytest.approx(ref.metrics[k], rel=1e-5, abs=1e-6), k
+
     with pytest.raises(ValueError, match="switch_to_light needs method.kind=full"):
         run(_cfg(assets, tmp_path / "bad", method={"kind": "lora"}, plan={"policy": "stable-rank", "switch_to_light": True}))

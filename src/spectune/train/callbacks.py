@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +73,9 @@ class ReplanCallback(TrainerCallback):
     """
 
     def __init__(self, section: PlanSection, plan: Plan, base_lr: float, weight_decay: float, run_dir: Path,
-                 cache: dict[str, Any], planned_epoch: int = 0) -> None:
+                 cache: dict[str, Any], planned_epoch: int = 0, always: list[str] | None = None) -> None:
         self.section = section
+        self.always = list(always or [])  # parameters with groups whatever their requires_grad (time-aware switch)
         self.plan = plan
         self.base_lr = base_lr
         self.weight_decay = weight_decay
@@ -111,7 +114,8 @@ class ReplanCallback(TrainerCallback):
         result = _analysis(model, self.cache, step)
         new = make_plan(result, self.section.policy or "uniform", self._params(epoch), one_d_rule=self.section.one_d_rule)
         new, agreed = agree_across_ranks(new)
-        scales = {g["name"]: g["lr_scale"] for g in param_groups(model, new, 1.0, self.weight_decay)}
+        with grads_for(model, self.always):
+            scales = {g["name"]: g["lr_scale"] for g in param_groups(model, new, 1.0, self.weight_decay)}
         sched = getattr(lr_scheduler, "scheduler", lr_scheduler)
         lambdas = getattr(sched, "lr_lambdas", None)
         for i, group in enumerate(optimizer.param_groups):
@@ -248,42 +252,79 @@ class StopOnNonFinite(TrainerCallback):
 SWITCH_FILE = "spectune_switch.json"
 
 
-class StableRankSwitch(TrainerCallback):
-    """Time-aware half of the stable-rank calibration: when full tuning of a matrix stops paying.
+@contextmanager
+def grads_for(model: torch.nn.Module, names: Iterable[str]) -> Iterator[None]:
+    """Treat the named parameters as trainable inside the block (to build or re-scale their optimizer groups).
 
-    Every matrix starts in full fine-tuning. At each check (epoch end, or every N
-    steps) the stable rank of each *lightweight* matrix (chosen by the stable-rank
-    plan) is compared with the previous check; once its relative change stays
-    below ``tol`` for ``patience`` checks in a row, the matrix is frozen for the
-    rest of the run. This rule and its defaults are spectune's own reading of the
-    paper's abstract ("when to start lightweight tuning"), not the paper's method.
-    Under several processes every rank sees the same weights and takes the same
-    decision.
+    A time-aware run's optimizer holds every parameter a switch may train (base
+    weights and dormant adapters) from the start, whatever its requires_grad now.
+    """
+    wanted = set(names)
+    saved = {n: p.requires_grad for n, p in model.named_parameters() if n in wanted}
+    params = dict(model.named_parameters())
+    try:
+        for n in saved:
+            params[n].requires_grad_(True)
+        yield
+    finally:
+        for n, flag in saved.items():
+            params[n].requires_grad_(flag)
+
+
+class StableRankSwitch(TrainerCallback):
+    """Time-aware half of the stable-rank calibration: full tuning until a matrix settles, then LoRA.
+
+    Every matrix starts in full fine-tuning; each *lightweight* matrix (chosen by the
+    stable-rank plan) carries a dormant LoRA adapter of the plan's rank (B = 0, frozen;
+    see ``methods.inject_switch_adapters``). At each check (epoch end, or every N steps)
+    the stable rank of each lightweight matrix (its merged weight W + BA) is compared
+    with the previous check; once its relative change stays below ``tol`` for
+    ``patience`` checks in a row, the matrix switches: its base weight is frozen (its
+    gradient set to None, so AdamW neither steps nor decays it) and its adapter trains
+    from then on. This rule and its defaults are spectune's own reading of the paper's
+    abstract ("when to start lightweight tuning"), not the paper's method.
+
+    The optimizer holds the base weights and adapters from the start, so its state and
+    a checkpoint need nothing special; the switch state (switched matrices, the last
+    stable ranks and the settled counts) is saved with each checkpoint, so a resumed run
+    switches exactly when an uninterrupted one would.
     """
 
-    def __init__(self, light: dict[str, str], tol: float, patience: int, every_steps: int, run_dir: Path,
-                 cache: dict[str, Any], switched: list[str] | None = None) -> None:
-        self.light = light  # analysis name -> model parameter name
+    def __init__(self, modules: dict[str, tuple[str, list[str]]], tol: float, patience: int, every_steps: int,
+                 run_dir: Path, cache: dict[str, Any], state: dict[str, Any] | None = None,
+                 ranks: dict[str, int] | None = None) -> None:
+        self.modules = modules  # analysis name -> (base weight's model name, adapter parameters' model names)
         self.tol, self.patience, self.every = tol, patience, every_steps
         self.run_dir = run_dir
         self.cache = cache
-        self.last: dict[str, float] = {}
-        self.calm: dict[str, int] = {}
-        self.switched: list[str] = list(switched or [])
-        self.events: list[dict[str, Any]] = []
+        self.ranks = ranks or {}
+        state = state or {}
+        self.last: dict[str, float] = dict(state.get("last", {}))
+        self.calm: dict[str, int] = dict(state.get("calm", {}))
+        self.switched: list[str] = list(state.get("switched", []))
+        self.events: list[dict[str, Any]] = list(state.get("events", []))
+        self.checked_step: int | None = state.get("checked_step")
 
-    def _freeze(self, model: torch.nn.Module, names: list[str]) -> None:
+    def _switch(self, model: torch.nn.Module, names: list[str]) -> None:
         params = dict(model.named_parameters())
         for n in names:
-            p = params.get(self.light.get(n, n))
-            if p is not None:
-                p.requires_grad_(False)
-                p.grad = None
+            base, adapters = self.modules[n]
+            params[base].requires_grad_(False)
+            params[base].grad = None
+            for a in adapters:
+                params[a].requires_grad_(True)
+
+    def state(self) -> dict[str, Any]:
+        return {"switched": self.switched, "events": self.events, "last": self.last, "calm": self.calm,
+                "checked_step": self.checked_step}
 
     def check(self, model: torch.nn.Module, step: int, epoch: float, main: bool = True) -> None:
+        if step == self.checked_step:  # a resumed run does not count the checkpoint's own check twice
+            return
+        self.checked_step = step
         df = _analysis(model, self.cache, step).metrics.set_index("name")
         newly = []
-        for name in self.light:
+        for name in self.modules:
             if name in self.switched or name not in df.index:
                 continue
             sr = float(df.loc[name, "stable_rank"])
@@ -295,16 +336,19 @@ class StableRankSwitch(TrainerCallback):
             self.calm[name] = self.calm.get(name, 0) + 1 if change < self.tol else 0
             if self.calm[name] >= self.patience:
                 newly.append(name)
-                self.events.append({"step": step, "epoch": epoch, "name": name, "stable_rank": sr, "change": change})
+                self.events.append({"step": step, "epoch": epoch, "name": name, "stable_rank": sr, "change": change,
+                                    "lora_rank": self.ranks.get(name)})
         if newly:
             self.switched += newly
-            self._freeze(model, newly)
+            self._switch(model, newly)
             if main:
-                _io.write_json(self.run_dir / "switches.json", {"switched": self.switched, "events": self.events})
+                _io.write_json(self.run_dir / "switches.json", {"rule": "lora", "switched": self.switched,
+                                                               "events": self.events})
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-        self._freeze(model, self.switched)  # a resumed run keeps earlier switches
-        self.check(model, state.global_step, state.epoch or 0.0, state.is_world_process_zero)
+        self._switch(model, self.switched)  # a resumed run keeps earlier switches
+        if state.global_step == 0:  # the base weights' stable ranks: the first point of comparison
+            self.check(model, 0, 0.0, state.is_world_process_zero)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         if self.every and state.global_step % self.every == 0:
@@ -317,9 +361,10 @@ class StableRankSwitch(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.exists() and state.is_world_process_zero:
-            _io.write_json(ckpt / SWITCH_FILE, {"switched": self.switched})
+            _io.write_json(ckpt / SWITCH_FILE, self.state())
 
 
-def restore_switches(checkpoint: Path | None) -> list[str]:
+def restore_switches(checkpoint: Path | None) -> dict[str, Any]:
+    """The switch state saved with a checkpoint (empty for a fresh run)."""
     path = checkpoint / SWITCH_FILE if checkpoint is not None else None
-    return list(json.loads(path.read_text())["switched"]) if path is not None and path.exists() else []
+    return dict(json.loads(path.read_text())) if path is not None and path.exists() else {}

@@ -48,8 +48,8 @@ class PlanSection(_Section):
     one_d_rule: Literal["owner", "base"] = "owner"
     switch_to_light: bool = Field(
         False,
-        description="time-aware calibration (seed 001): train everything in full, then freeze the plan's "
-        "lightweight matrices once their stable rank settles",
+        description="time-aware calibration (seed 001): train everything in full, then switch each of the plan's "
+        "lightweight matrices to a LoRA adapter (frozen base weight) once its stable rank settles",
     )
     switch_tol: float = Field(0.01, gt=0, description="settled: relative stable-rank change below this per check")
     switch_patience: int = Field(2, ge=1, description="consecutive settled checks before a matrix switches")

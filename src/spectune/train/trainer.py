@@ -27,7 +27,7 @@ from spectune.plan import Plan, match_names, param_groups, plan as make_plan
 from spectune.train import callbacks as cb
 from spectune.train.config import TrainConfig
 from spectune.train.data import TextSplits, load_data
-from spectune.train.methods import apply_method, count_trainable
+from spectune.train.methods import SwitchAdapters, apply_method, count_trainable, inject_switch_adapters
 
 
 class TrainingDiverged(RuntimeError):
@@ -216,11 +216,17 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
             plan.save(run_dir / "plans" / "plan-epoch0-step0.yaml")
 
     light: dict[str, str] = {}
+    switchable: SwitchAdapters | None = None
     if cfg.plan.switch_to_light:
         if plan is None or plan.lora is None or cfg.method.kind != "full":
             raise ValueError(
                 "plan.switch_to_light needs method.kind=full and a plan with lightweight matrices "
                 "(policy stable-rank with low: lora)"
+            )
+        if world > 1:
+            raise ValueError(
+                "plan.switch_to_light runs in one process: DDP registers the trainable parameters when it wraps "
+                "the model, so matrices cannot switch to adapters mid-run under several processes"
             )
         wanted = [t + ".weight" for t in plan.lora.target_modules]
         light = match_names(wanted, [n for n, _ in model.named_parameters()])
@@ -229,6 +235,10 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     else:
         plan_for_method = plan
     model = apply_method(model, cfg.method, task, plan_for_method, total_steps)
+    if light:
+        assert plan is not None
+        # dormant adapters (B = 0, frozen) exist before the optimizer, which holds them from the start
+        switchable = inject_switch_adapters(model, plan, light, cfg.method.lora_dropout)
     trainable, total = count_trainable(model)
     if trainable == 0:
         raise ValueError("nothing to train: the method and plan leave no parameter with requires_grad")
@@ -239,20 +249,26 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     callbacks: list[Any] = [metrics_log, guard]
     replanner = None
     if plan is not None and cfg.plan.policy and cfg.plan.replan != "never" and plan.policy == cfg.plan.policy:
-        replanner = cb.ReplanCallback(cfg.plan, plan, cfg.train.lr, cfg.train.weight_decay, run_dir, cache, planned_epoch)
+        replanner = cb.ReplanCallback(cfg.plan, plan, cfg.train.lr, cfg.train.weight_decay, run_dir, cache, planned_epoch,
+                                      always=switchable.parameter_names() if switchable else None)
         callbacks.append(replanner)
     callbacks.append(cb.SpectralTracker(run_dir, cfg.logging.track_metrics, cfg.logging.track_spectra_every_steps, cache))
     if cfg.method.kind == "adalora":
         callbacks.append(cb.AdaLoraBudget())
-    if light:
-        callbacks.append(cb.StableRankSwitch(light, cfg.plan.switch_tol, cfg.plan.switch_patience,
-                                             cfg.plan.switch_every_steps, run_dir, cache, cb.restore_switches(ckpt)))
+    switcher = None
+    if switchable is not None:
+        assert plan is not None and plan.lora is not None
+        ranks = {t + ".weight": plan.lora.rank_pattern.get(t, plan.lora.r) for t in plan.lora.target_modules}
+        switcher = cb.StableRankSwitch(switchable.modules, cfg.plan.switch_tol, cfg.plan.switch_patience,
+                                       cfg.plan.switch_every_steps, run_dir, cache, cb.restore_switches(ckpt), ranks)
+        callbacks.append(switcher)
     callbacks += list(extra_callbacks or [])
 
     def group_fn(m: torch.nn.Module) -> list[dict[str, Any]]:
         current = replanner.plan if replanner is not None else plan
         assert current is not None
-        return param_groups(m, current, cfg.train.lr, cfg.train.weight_decay)
+        with cb.grads_for(m, switchable.parameter_names() if switchable else []):
+            return param_groups(m, current, cfg.train.lr, cfg.train.weight_decay)
 
     if cfg.logging.tensorboard:
         # the Trainer's TensorBoard callback reads its folder from the environment; keep it in the run folder
@@ -325,6 +341,10 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         results["gap_loss"] = results["test_loss"] - results["train_loss"]
     if main:
         metrics_log.write({"step": trainer.state.global_step, "kind": "final", **results})
+    trainable_end, _ = count_trainable(model)
+    if switchable is not None and cfg.output.save_final:
+        # final/ is a plain model: every adapter merged into its base weight (W + BA), names as before
+        switchable.tuner.merge_and_unload()
     if cfg.output.save_final:
         trainer.save_model(str(run_dir / "final"))  # rank 0 writes; every rank must call it (FSDP/DeepSpeed gather)
         if main:
@@ -336,6 +356,8 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         "policy": cfg.plan.policy,
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "trainable_parameters_end": trainable_end,
+        "switched_matrices": list(switcher.switched) if switcher else None,
         "wall_time_s": time.perf_counter() - t0,
         "train_runtime_s": train_out.metrics.get("train_runtime"),
         "analysis_time_s": cache.get("seconds", 0.0),
