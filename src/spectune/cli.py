@@ -207,6 +207,60 @@ def train(
     _c.out.print(t)
 
 
+def _print_comparison(result) -> None:  # type: ignore[no-untyped-def]
+    import pandas as pd
+
+    from spectune.compare.report import console_rows
+
+    rows = pd.DataFrame(console_rows(result.tables["summary"], result.tables["paired"]))
+    if rows.empty:
+        _c.out.print("no finished cell")
+        return
+    _c.out.print(_table("results (test split; 95% intervals over seeds; paired differences to the baseline)",
+                        rows, list(rows.columns)))
+    failed = result.results[result.results["status"] != "ok"] if "status" in result.results else []
+    if len(failed):
+        _c.out.print(f"[red]{len(failed)} cell(s) failed[/]: see failed.json in their folders")
+    _c.out.print(f"report: {result.report}")
+
+
+def _run_comparison(cfg, command: str) -> None:  # type: ignore[no-untyped-def]
+    from spectune.compare.run import compare as run_compare
+
+    result = run_compare(cfg, progress=True, command=command)
+    _print_comparison(result)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def compare(
+    config: Annotated[Path, typer.Argument(help="comparison YAML: base, tasks, methods, seeds (see examples/)")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides")] = None,
+) -> None:
+    """Run a grid of methods x tasks x seeds (resuming finished cells) and report paired statistics."""
+    from spectune.compare import load_compare_config
+    from spectune.train import TrainConfigError
+
+    try:
+        cfg = load_compare_config(config, overrides or [])
+    except TrainConfigError as err:
+        _c.err.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    _run_comparison(cfg, " ".join(["spectune compare", str(config), *(overrides or [])]))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("out/demo"),
+    seeds: Annotated[int, typer.Option(min=1, help="number of seeds (3 keeps it under 15 minutes on 2 cores)")] = 3,
+) -> None:
+    """The main job: MiniLM on TREC in the low-data regime, spectral plans vs their baselines, over seeds."""
+    from spectune.compare.demo import demo_config
+
+    cfg = demo_config(str(out), seeds)
+    _c.out.print(f"[bold]{cfg.name}[/]: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds -> {out}/")
+    _run_comparison(cfg, f"spectune demo --out {out} --seeds {seeds}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

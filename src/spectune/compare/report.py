@@ -1,0 +1,182 @@
+"""Plots and the self-contained HTML report of a comparison."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from spectune import _io
+from spectune._html import figure, gallery, page, save_png, table
+from spectune.compare.config import CompareConfig
+from spectune.compare.stats import higher_is_better, paired, summarize, task_metrics, win_tie_loss
+
+COLORS = {"better": "#2a7d2a", "worse": "#b22222", "no clear difference": "#555555", "too few pairs": "#999999"}
+
+
+def plot_scores(df: pd.DataFrame, summary: pd.DataFrame, task: str, path: Path) -> Path:
+    """Each method's per-seed scores (dots) and mean with its 95% interval (bar), one row per method."""
+    s = summary[summary["task"] == task]
+    col = s["metric"].iloc[0]
+    fig, ax = figure((6.4, 0.45 * len(s) + 1.4), right=0.97)
+    fig.subplots_adjust(left=0.3)
+    y = np.arange(len(s))[::-1]
+    for yi, (_, r) in zip(y, s.iterrows()):
+        pts = df[(df["task"] == task) & (df["method"] == r["method"]) & (df["status"] == "ok")][col].dropna()
+        ax.scatter(pts, np.full(len(pts), yi), s=14, color="#9ab", zorder=2)
+        if math.isfinite(r["ci_low"]):
+            ax.plot([r["ci_low"], r["ci_high"]], [yi, yi], color="#234", lw=2, zorder=3)
+        ax.scatter([r["mean"]], [yi], marker="D", s=30, color="#234", zorder=4)
+    ax.set_yticks(y, list(s["method"]))
+    ax.set_xlabel(f"{col} ({'higher' if higher_is_better(col) else 'lower'} is better)")
+    ax.set_title(f"{task}: mean and 95% interval over seeds")
+    ax.grid(axis="x", alpha=0.3)
+    return save_png(fig, path)
+
+
+def plot_differences(pairs: pd.DataFrame, task: str, path: Path) -> Path:
+    """Paired difference to the baseline with its interval; colour says which way the interval points."""
+    p = pairs[pairs["task"] == task]
+    fig, ax = figure((6.4, 0.45 * len(p) + 1.4), right=0.97)
+    fig.subplots_adjust(left=0.3)
+    y = np.arange(len(p))[::-1]
+    for yi, (_, r) in zip(y, p.iterrows()):
+        c = COLORS.get(r["verdict"], "#555")
+        if math.isfinite(r["ci_low"]):
+            ax.plot([r["ci_low"], r["ci_high"]], [yi, yi], color=c, lw=2)
+        ax.scatter([r["diff"]], [yi], marker="D", s=30, color=c, zorder=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(y, list(p["method"]))
+    base = p["baseline"].iloc[0]
+    ax.set_xlabel(f"{p['metric'].iloc[0]}: method - {base}")
+    ax.set_title(f"{task}: paired difference to {base} (95% interval)")
+    ax.grid(axis="x", alpha=0.3)
+    return save_png(fig, path)
+
+
+def plot_cost(summary: pd.DataFrame, task: str, path: Path) -> Path:
+    """Score against trainable parameters: what each method buys with its budget."""
+    s = summary[(summary["task"] == task) & (summary["trainable_parameters"] > 0)]
+    fig, ax = figure((6.4, 4.0), right=0.97)
+    ax.errorbar(s["trainable_parameters"], s["mean"], yerr=[s["mean"] - s["ci_low"], s["ci_high"] - s["mean"]],
+                fmt="o", color="#234", ecolor="#9ab", capsize=3)
+    for _, r in s.iterrows():
+        ax.annotate(str(r["method"]), (r["trainable_parameters"], r["mean"]), fontsize=8, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(s["metric"].iloc[0] if len(s) else "")
+    ax.set_title(f"{task}: score against trainable parameters")
+    ax.grid(alpha=0.3)
+    return save_png(fig, path)
+
+
+def plot_gap(summary: pd.DataFrame, task: str, path: Path) -> Path:
+    """Generalization gap (train minus test accuracy; test minus train loss for LM) per method."""
+    s = summary[(summary["task"] == task) & summary["gap"].notna()]
+    fig, ax = figure((6.4, 0.45 * max(len(s), 1) + 1.4), right=0.97)
+    fig.subplots_adjust(left=0.3)
+    y = np.arange(len(s))[::-1]
+    ax.barh(y, s["gap"], color="#9ab")
+    ax.set_yticks(y, list(s["method"]))
+    ax.set_xlabel(s["gap_metric"].iloc[0] if len(s) else "gap")
+    ax.set_title(f"{task}: generalization gap (mean over seeds)")
+    ax.grid(axis="x", alpha=0.3)
+    return save_png(fig, path)
+
+
+def findings(pairs: pd.DataFrame) -> list[str]:
+    """One plain sentence per comparison, the same words whichever way the result goes."""
+    out = []
+    for _, r in pairs.iterrows():
+        if r["verdict"] == "too few pairs":
+            out.append(f"{r['task']}: {r['method']} vs {r['baseline']}: {r['pairs']} pair(s), too few for an interval.")
+            continue
+        what = {"better": "better than", "worse": "worse than", "no clear difference": "not distinguishable from"}[r["verdict"]]
+        out.append(
+            f"{r['task']}: {r['method']} is {what} {r['baseline']} on {r['metric']}: difference {r['diff']:+.4f} "
+            f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] over {r['pairs']} seeds, paired t-test p={r['p_ttest']:.3g}, "
+            f"wins/ties/losses {r['wins']}/{r['ties']}/{r['losses']}."
+        )
+    return out
+
+
+def analyse(df: pd.DataFrame, cfg: CompareConfig) -> dict[str, pd.DataFrame]:
+    """The tables a report shows, from the tidy results."""
+    summary = summarize(df, cfg.metric)
+    pairs = paired(df, cfg.baseline or "", cfg.metric, cfg.tie_tolerance)
+    return {"summary": summary, "paired": pairs, "win_tie_loss": win_tie_loss(pairs)}
+
+
+def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> None:
+    for name, t in tables.items():
+        _io.write_text(out_dir / f"{name}.csv", t.to_csv(index=False))
+
+
+def write_report(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, command: str | None = None) -> Path:
+    """Tables (CSV), plots (PNG) and ``report.html`` in ``out_dir``; returns the report's path."""
+    out = Path(out_dir)
+    tables = analyse(df, cfg)
+    write_tables(tables, out)
+    summary, pairs = tables["summary"], tables["paired"]
+    plots = out / "plots"
+    esc = html.escape
+    body: list[str] = [
+        f"<p>{len(cfg.tasks)} task(s) x {len(cfg.methods)} method(s) x {len(cfg.seeds)} seed(s); "
+        f"baseline <b>{esc(str(cfg.baseline))}</b>; ranked by the test split's "
+        f"{esc(cfg.metric if cfg.metric != 'auto' else 'accuracy (classification) / perplexity (LM)')}. "
+        "Intervals are 95% Student-t intervals over seeds; differences are paired by seed "
+        "(same seed = same training rows).</p>",
+    ]
+    if command:
+        body.append(f"<p>Reproduce: <code>{esc(command)}</code></p>")
+    done = int((df["status"] == "ok").sum()) if "status" in df else len(df)
+    total = len(cfg.tasks) * len(cfg.methods) * len(cfg.seeds)
+    if done < total:
+        body.append(f"<p class=warn>{done} of {total} cells finished; the statistics use those.</p>")
+    body += ["<h2>Findings</h2>", "<ul>" + "".join(f"<li>{esc(s)}</li>" for s in findings(pairs)) + "</ul>"
+             if not pairs.empty else "<p>No paired comparison yet.</p>"]
+    if not pairs.empty:
+        classes = ["good" if v == "better" else "bad" if v == "worse" else "" for v in pairs["verdict"]]
+        body += ["<h2>Paired differences against the baseline</h2>",
+                 "<p>diff = method - baseline; p_adjusted: Benjamini-Hochberg over the methods of a task; "
+                 "wins/ties/losses count seeds.</p>",
+                 table(pairs, row_class=classes),
+                 "<h2>Wins, ties and losses over all tasks</h2>", table(tables["win_tie_loss"])]
+    body += ["<h2>Mean and interval per method</h2>", table(summary)]
+    for task in task_metrics(df, cfg.metric):
+        figs = [("scores", plot_scores(df, summary, task, plots / f"{task}_scores.png"))]
+        if not pairs.empty and (pairs["task"] == task).any():
+            figs.append(("differences", plot_differences(pairs, task, plots / f"{task}_differences.png")))
+        if (summary[summary["task"] == task]["trainable_parameters"] > 0).any():
+            figs.append(("cost", plot_cost(summary, task, plots / f"{task}_cost.png")))
+        if summary[summary["task"] == task]["gap"].notna().any():
+            figs.append(("gap", plot_gap(summary, task, plots / f"{task}_gap.png")))
+        body += [f"<h2>Task {esc(task)}</h2>", gallery([(f"{task}: {k}", p) for k, p in figs], "plot")]
+    failed = df[df["status"] != "ok"] if "status" in df else df.iloc[0:0]
+    if not failed.empty:
+        body += ["<h2>Failed cells</h2>", table(failed[[c for c in ("task", "method", "seed", "error") if c in failed]])]
+    body += ["<h2>Every cell</h2>", table(df)]
+    return _io.write_text(out / "report.html", page(f"spectune comparison: {cfg.name}", body, subtitle=cfg.output_dir))
+
+
+def console_rows(summary: pd.DataFrame, pairs: pd.DataFrame) -> list[dict[str, Any]]:
+    """The printed results table: a row per task and method with its interval and its paired verdict."""
+    rows = []
+    for _, r in summary.iterrows():
+        p = pairs[(pairs["task"] == r["task"]) & (pairs["method"] == r["method"])] if not pairs.empty else pairs
+        rows.append({
+            "task": r["task"], "method": r["method"], "n": r["n"], "metric": r["metric"].removeprefix("test_"),
+            "mean": r["mean"], "95% CI": f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]" if math.isfinite(r["ci_low"]) else "-",
+            "vs baseline": (f"{p['diff'].iloc[0]:+.4f} [{p['ci_low'].iloc[0]:+.4f}, {p['ci_high'].iloc[0]:+.4f}]"
+                            if len(p) and math.isfinite(p["ci_low"].iloc[0]) else ("baseline" if p.empty else "-")),
+            "p": p["p_ttest"].iloc[0] if len(p) else math.nan,
+            "w/t/l": f"{p['wins'].iloc[0]}/{p['ties'].iloc[0]}/{p['losses'].iloc[0]}" if len(p) else "",
+            "verdict": p["verdict"].iloc[0] if len(p) else "",
+            "trainable": r["trainable_parameters"], "time_s": r["wall_time_s"],
+        })
+    return rows

@@ -1,0 +1,141 @@
+"""spectune compare: statistics against independent computations, and a resumable grid on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from spectune.compare import load_compare_config, run_grid
+from spectune.compare.config import cell_dir
+from spectune.compare.report import write_report
+from spectune.compare.stats import paired, summarize, t_interval, verdict, win_tie_loss
+from spectune.train import TrainConfigError
+from tests.test_train import assets  # noqa: F401  (a tiny BERT and a 3-class CSV)
+
+
+def test_t_interval_matches_the_textbook_formula():
+    mean, lo, hi = t_interval(np.array([1.0, 2.0, 3.0, 4.0]))
+    half = 3.182446305284263 * math.sqrt(5 / 3) / 2  # t_{0.975,3} * sd / sqrt(n)
+    assert mean == 2.5 and lo == pytest.approx(2.5 - half, abs=1e-12) and hi == pytest.approx(2.5 + half, abs=1e-12)
+    m1, lo1, hi1 = t_interval(np.array([0.7]))
+    assert m1 == 0.7 and math.isnan(lo1) and math.isnan(hi1)
+
+
+def _table(values: dict[str, list[float]], metric: str = "test_accuracy", task_type: str = "classification") -> pd.DataFrame:
+    rows = []
+    for method, vals in values.items():
+        for seed, v in enumerate(vals):
+            rows.append({"task": "t", "method": method, "seed": seed, "status": "ok", "task_type": task_type, metric: v,
+                         "trainable_parameters": 10.0})
+    return pd.DataFrame(rows)
+
+
+def test_paired_differences_tests_and_counts():
+    base = [0.80, 0.82, 0.78, 0.81, 0.79, 0.80]
+    better = [b + d for b, d in zip(base, [0.02, 0.03, 0.01, 0.02, 0.04, 0.0])]
+    noisy = [b + d for b, d in zip(base, [0.05, -0.04, 0.02, -0.03, 0.01, 0.0])]
+    df = _table({"base": base, "better": better, "noisy": noisy})
+    p = paired(df, "base", tie_tolerance=0.005).set_index("method")
+    d = np.array(better) - np.array(base)
+    assert p.loc["better", "diff"] == pytest.approx(d.mean(), abs=1e-12)
+    assert (p.loc["better", "ci_low"], p.loc["better", "ci_high"]) == pytest.approx(t_interval(d)[1:], abs=1e-12)
+    assert p.loc["better", "p_ttest"] == pytest.approx(stats.ttest_rel(better, base).pvalue, rel=1e-12)
+    assert p.loc["better", "p_wilcoxon"] == pytest.approx(stats.wilcoxon(d).pvalue, rel=1e-12)
+    assert (p.loc["better", "wins"], p.loc["better", "ties"], p.loc["better", "losses"]) == (5, 1, 0)
+    assert p.loc["better", "verdict"] == "better" and p.loc["noisy", "verdict"] == "no clear difference"
+    assert (p.loc["noisy", "wins"], p.loc["noisy", "ties"], p.loc["noisy", "losses"]) == (3, 1, 2)
+    raw = p[["p_ttest"]].to_numpy().ravel()
+    assert p["p_adjusted"].to_numpy() == pytest.approx(stats.false_discovery_control(raw), rel=1e-12)
+    wtl = win_tie_loss(p.reset_index()).set_index("method")
+    assert wtl.loc["better", "tasks_better"] == 1 and wtl.loc["noisy", "tasks_better"] == 0
+
+
+def test_lower_is_better_metrics_flip_the_verdict():
+    df = _table({"base": [20.0, 21.0, 19.0], "lower": [18.0, 19.5, 17.0]}, metric="test_perplexity", task_type="causal_lm")
+    p = paired(df, "base").set_index("method")
+    assert p.loc["lower", "diff"] < 0 and p.loc["lower", "verdict"] == "better" and p.loc["lower", "wins"] == 3
+    s = summarize(df).set_index("method")
+    assert s.loc["lower", "metric"] == "test_perplexity" and s.loc["lower", "mean"] == pytest.approx(18.1666666, abs=1e-6)
+    assert verdict(-2.0, -1.0, higher_better=True) == "worse" and verdict(math.nan, 1.0, True) == "too few pairs"
+
+
+def test_pairs_use_only_seeds_both_methods_finished():
+    df = _table({"base": [0.5, 0.6, 0.7], "m": [0.6, 0.7, 0.8]})
+    df = df[~((df["method"] == "m") & (df["seed"] == 2))]
+    p = paired(df, "base").set_index("method")
+    assert p.loc["m", "pairs"] == 2 and p.loc["m", "diff"] == pytest.approx(0.1)
+
+
+def test_bad_comparison_configs_name_the_problem(tmp_path):  # type: ignore[no-untyped-def]
+    good = {"tasks": {"t": {"data": {"name": "trec"}}}, "methods": {"a": {}, "b": {"plan": {"policy": "phased"}}}}
+    with pytest.raises(TrainConfigError, match="baseline 'zzz' is not one of the methods"):
+        load_compare_config({**good, "baseline": "zzz"})
+    with pytest.raises(TrainConfigError, match="(?s)cell task=t method=b: .*train.lr"):
+        load_compare_config({**good, "methods": {"a": {}, "b": {"train": {"lr": -1}}}})
+    with pytest.raises(TrainConfigError, match="seedz"):
+        load_compare_config({**good, "seedz": [1]})
+    with pytest.raises(TrainConfigError, match="names a folder"):
+        load_compare_config({**good, "methods": {"a/../b": {}}})
+    cfg = load_compare_config({**good, "methods": {"r": {"plan": {"policy": "random-select", "params": {"seed": "${seed}"}}}},
+                               "seeds": [7]})
+    from spectune.compare import cell_config
+
+    assert cell_config(cfg, "t", "r", 7).plan.params == {"seed": 7}
+    assert cell_config(cfg, "t", "r", 7).train.seed == 7 and cell_config(cfg, "t", "r", 7).data.seed == 7
+
+
+def _grid(assets, out, **extra):  # type: ignore[no-untyped-def]
+    return load_compare_config({
+        "name": "tiny",
+        "base": {"model": {"name": str(assets / "bert"), "max_length": 16}, "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3},
+                 "eval": {"batch_size": 64}},
+        "tasks": {"toy": {"data": {"path": str(assets / "cls.csv")}}},
+        "methods": {"full": {}, "phased": {"plan": {"policy": "phased"}},
+                    "broken": {"plan": {"file": str(out / "no-such-plan.yaml")}}},
+        "seeds": [0, 1],
+        "output_dir": str(out),
+        **extra,
+    })
+
+
+def test_grid_runs_keeps_failures_and_resumes_only_missing_cells(assets, tmp_path):  # type: ignore[no-untyped-def]
+    cfg = _grid(assets, tmp_path / "cmp")
+    df = run_grid(cfg, progress=False)
+    assert len(df) == 6 and set(df["status"]) == {"ok", "failed"}
+    failed = df[df["status"] == "failed"]
+    assert set(failed["method"]) == {"broken"} and failed["error"].str.contains("no-such-plan").all()
+    assert (cell_dir(cfg, "toy", "broken", 0) / "failed.json").exists()
+    ok = df[df["status"] == "ok"]
+    assert ok["test_accuracy"].between(0, 1).all() and (ok["trainable_parameters"] > 0).all()
+    assert ok["peak_memory_mb"].gt(0).all() and "gap_accuracy" in ok
+    on_disk = pd.read_parquet(tmp_path / "cmp" / "results.parquet")
+    assert len(on_disk) == 6
+
+    # a finished cell is read back, not retrained; a removed one is trained again
+    from spectune.compare import cells
+
+    summaries = {c: cell_dir(cfg, c.task, c.method, c.seed) / "summary.json" for c in cells(cfg) if c.method != "broken"}
+    before = {c: p.stat().st_mtime_ns for c, p in summaries.items()}
+    redo = next(c for c in summaries if c.method == "phased" and c.seed == 1)
+    summaries[redo].unlink()
+    again = run_grid(cfg, progress=False)
+    changed = {c for c, p in summaries.items() if p.stat().st_mtime_ns != before[c]}
+    assert changed == {redo}
+    pd.testing.assert_frame_equal(
+        again[again["status"] == "ok"].drop(columns=["wall_time_s", "train_runtime_s", "peak_memory_mb", "analysis_time_s"]).reset_index(drop=True),
+        df[df["status"] == "ok"].drop(columns=["wall_time_s", "train_runtime_s", "peak_memory_mb", "analysis_time_s"]).reset_index(drop=True),
+        check_exact=False, atol=1e-6,
+    )  # the retrained cell reproduces its first result: same seed, same rows
+
+    report = write_report(again, cfg, cfg.output_dir, command="spectune compare tiny.yaml")
+    text = report.read_text()
+    assert "<img" in text and "data:image/png;base64," in text and "Failed cells" in text
+    assert "phased" in text and "full" in text and "spectune compare tiny.yaml" in text
+    summary = pd.read_csv(tmp_path / "cmp" / "summary.csv")
+    assert set(summary["method"]) == {"full", "phased"}
+    assert json.loads((cell_dir(cfg, "toy", "full", 0) / "summary.json").read_text())["metrics"]["test_accuracy"] >= 0
