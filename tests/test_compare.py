@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
-from spectune.compare import load_compare_config, run_grid
+from spectune.compare import cell_config, load_compare_config, run_grid
 from spectune.compare.config import cell_dir
 from spectune.compare.report import write_report
 from spectune.compare.stats import paired, summarize, t_interval, verdict, win_tie_loss
 from spectune.train import TrainConfigError
-from tests.test_train import assets  # noqa: F401  (a tiny BERT and a 3-class CSV)
 
 
 def test_t_interval_matches_the_textbook_formula():
@@ -83,8 +83,6 @@ def test_bad_comparison_configs_name_the_problem(tmp_path):  # type: ignore[no-u
         load_compare_config({**good, "methods": {"a/../b": {}}})
     cfg = load_compare_config({**good, "methods": {"r": {"plan": {"policy": "random-select", "params": {"seed": "${seed}"}}}},
                                "seeds": [7]})
-    from spectune.compare import cell_config
-
     assert cell_config(cfg, "t", "r", 7).plan.params == {"seed": 7}
     assert cell_config(cfg, "t", "r", 7).train.seed == 7 and cell_config(cfg, "t", "r", 7).data.seed == 7
 
@@ -139,3 +137,18 @@ def test_grid_runs_keeps_failures_and_resumes_only_missing_cells(assets, tmp_pat
     summary = pd.read_csv(tmp_path / "cmp" / "summary.csv")
     assert set(summary["method"]) == {"full", "phased"}
     assert json.loads((cell_dir(cfg, "toy", "full", 0) / "summary.json").read_text())["metrics"]["test_accuracy"] >= 0
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples" / "compare").glob("*.yaml")))
+def test_example_comparisons_are_valid(path):  # type: ignore[no-untyped-def]
+    cfg = load_compare_config(path)
+    assert cfg.baseline in cfg.methods and len(cfg.seeds) >= 3
+
+
+def test_demo_config_is_the_promised_grid():
+    from spectune.compare.demo import demo_config
+
+    cfg = demo_config("out/x")
+    policies = {cell_config(cfg, "trec", m, 0).plan.policy for m in cfg.methods}
+    assert {"phased", "alpha-balance", "adaptive-rank", None} <= policies and len(cfg.seeds) == 3
+    assert cell_config(cfg, "trec", "full-uniform", 0).model.name == "minilm"

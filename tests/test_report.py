@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import spectune
+from spectune._html import fmt
 from spectune.analyze import report
 from spectune.analyze.result import AnalysisResult
 
@@ -130,7 +131,7 @@ def test_plot_esd_without_fits(tmp_path: Path) -> None:
 
 
 def test_number_format() -> None:
-    assert report._fmt(3.14159265) == "3.142"
-    assert report._fmt(123456.7) == "1.235e+05"
-    assert report._fmt(np.int64(22682112)) == "22682112"
-    assert report._fmt(math.nan) == "" and report._fmt(None) == ""
+    assert fmt(3.14159265) == "3.142"
+    assert fmt(123456.7) == "1.235e+05"
+    assert fmt(np.int64(22682112)) == "22682112"
+    assert fmt(math.nan) == "" and fmt(None) == ""

