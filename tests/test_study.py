@@ -221,7 +221,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_study_config({**good, "landscape": {"rel_size": -1}})
     with pytest.raises(TrainConfigError, match=r"controlled\.arms"):
         load_study_config({**good, "controlled": {"arms": {"x": ["attn_z"]}}})
-    with pytest.raises(TrainConfigError, match=r"grid.*metod"):
+    with pytest.raises(TrainConfigError, match=r"(?s)grid.*metod"):
         load_study_config({**good, "grid": {**good["grid"], "methods": {"full": {"metod": {}}}}})
 
 
