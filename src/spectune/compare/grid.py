@@ -27,7 +27,7 @@ RESULTS = "results"  # results.parquet and results.csv in the output folder
 FAILED_FILE = "failed.json"
 # Identity columns first, then what a reader looks for; metric columns follow in sorted order.
 ID_COLUMNS = ["task", "method", "seed", "status", "task_type", "method_kind", "policy"]
-COST_COLUMNS = ["trainable_parameters", "total_parameters", "wall_time_s", "train_runtime_s", "analysis_time_s",
+COST_COLUMNS = ["trainable_parameters", "trainable_parameters_end", "total_parameters", "wall_time_s", "train_runtime_s", "analysis_time_s",
                 "peak_memory_mb", "global_step"]
 
 
