@@ -134,6 +134,10 @@ def test_grid_runs_keeps_failures_and_resumes_only_missing_cells(assets, tmp_pat
     text = report.read_text()
     assert "<img" in text and "data:image/png;base64," in text and "Failed cells" in text
     assert "phased" in text and "full" in text and "spectune compare tiny.yaml" in text
+    from spectune.compare.report import write_markdown
+
+    md = write_markdown(again, cfg, cfg.output_dir, command="spectune compare tiny.yaml").read_text()
+    assert "## toy" in md and "| phased" in md and "](plots/toy_scores.png)" in md
     summary = pd.read_csv(tmp_path / "cmp" / "summary.csv")
     assert set(summary["method"]) == {"full", "phased"}
     assert json.loads((cell_dir(cfg, "toy", "full", 0) / "summary.json").read_text())["metrics"]["test_accuracy"] >= 0

@@ -18,12 +18,19 @@ from spectune.compare.stats import higher_is_better, paired, summarize, task_met
 COLORS = {"better": "#2a7d2a", "worse": "#b22222", "no clear difference": "#555555", "too few pairs": "#999999"}
 
 
+def _rows_figure(n: int) -> tuple[Any, Any]:
+    """A figure with one row per method; margins fixed in inches so titles and labels fit at any height."""
+    h = 0.45 * max(n, 1) + 1.4
+    fig, ax = figure((6.4, h), right=0.97)
+    fig.subplots_adjust(left=0.3, bottom=0.6 / h, top=1 - 0.4 / h)
+    return fig, ax
+
+
 def plot_scores(df: pd.DataFrame, summary: pd.DataFrame, task: str, path: Path) -> Path:
     """Each method's per-seed scores (dots) and mean with its 95% interval (bar), one row per method."""
     s = summary[summary["task"] == task]
     col = s["metric"].iloc[0]
-    fig, ax = figure((6.4, 0.45 * len(s) + 1.4), right=0.97)
-    fig.subplots_adjust(left=0.3)
+    fig, ax = _rows_figure(len(s))
     y = np.arange(len(s))[::-1]
     for yi, (_, r) in zip(y, s.iterrows()):
         pts = df[(df["task"] == task) & (df["method"] == r["method"]) & (df["status"] == "ok")][col].dropna()
@@ -32,6 +39,7 @@ def plot_scores(df: pd.DataFrame, summary: pd.DataFrame, task: str, path: Path) 
             ax.plot([r["ci_low"], r["ci_high"]], [yi, yi], color="#234", lw=2, zorder=3)
         ax.scatter([r["mean"]], [yi], marker="D", s=30, color="#234", zorder=4)
     ax.set_yticks(y, list(s["method"]))
+    ax.set_ylim(-0.6, len(s) - 0.4)
     ax.set_xlabel(f"{col} ({'higher' if higher_is_better(col) else 'lower'} is better)")
     ax.set_title(f"{task}: mean and 95% interval over seeds")
     ax.grid(axis="x", alpha=0.3)
@@ -41,8 +49,7 @@ def plot_scores(df: pd.DataFrame, summary: pd.DataFrame, task: str, path: Path) 
 def plot_differences(pairs: pd.DataFrame, task: str, path: Path) -> Path:
     """Paired difference to the baseline with its interval; colour says which way the interval points."""
     p = pairs[pairs["task"] == task]
-    fig, ax = figure((6.4, 0.45 * len(p) + 1.4), right=0.97)
-    fig.subplots_adjust(left=0.3)
+    fig, ax = _rows_figure(len(p))
     y = np.arange(len(p))[::-1]
     for yi, (_, r) in zip(y, p.iterrows()):
         c = COLORS.get(r["verdict"], "#555")
@@ -51,6 +58,7 @@ def plot_differences(pairs: pd.DataFrame, task: str, path: Path) -> Path:
         ax.scatter([r["diff"]], [yi], marker="D", s=30, color=c, zorder=3)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(y, list(p["method"]))
+    ax.set_ylim(-0.6, len(p) - 0.4)
     base = p["baseline"].iloc[0]
     ax.set_xlabel(f"{p['metric'].iloc[0]}: method - {base}")
     ax.set_title(f"{task}: paired difference to {base} (95% interval)")
@@ -78,8 +86,7 @@ def plot_cost(summary: pd.DataFrame, task: str, path: Path) -> Path:
 def plot_gap(summary: pd.DataFrame, task: str, path: Path) -> Path:
     """Generalization gap (train minus test accuracy; test minus train loss for LM) per method."""
     s = summary[(summary["task"] == task) & summary["gap"].notna()]
-    fig, ax = figure((6.4, 0.45 * max(len(s), 1) + 1.4), right=0.97)
-    fig.subplots_adjust(left=0.3)
+    fig, ax = _rows_figure(len(s))
     y = np.arange(len(s))[::-1]
     ax.barh(y, s["gap"], color="#9ab")
     ax.set_yticks(y, list(s["method"]))
@@ -162,6 +169,41 @@ def write_report(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, comm
         body += ["<h2>Failed cells</h2>", table(failed[[c for c in ("task", "method", "seed", "error") if c in failed]])]
     body += ["<h2>Every cell</h2>", table(df)]
     return _io.write_text(out / "report.html", page(f"spectune comparison: {cfg.name}", body, subtitle=cfg.output_dir))
+
+
+def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, command: str | None = None) -> Path:
+    """``results.md``: the findings and the per-task table in Markdown, figures linked from ``plots/``.
+
+    Written beside report.html so a comparison can be committed to a repository's
+    docs as it is (docs/results.md is one).
+    """
+    out = Path(out_dir)
+    tables = analyse(df, cfg)
+    rows = pd.DataFrame(console_rows(tables["summary"], tables["paired"]))
+    lines = [f"# {cfg.name}", ""]
+    if command:
+        lines += [f"Reproduce: `{command}`", ""]
+    lines += [
+        f"{len(cfg.tasks)} task(s) x {len(cfg.methods)} method(s) x {len(cfg.seeds)} seed(s), baseline `{cfg.baseline}`. "
+        "Means with 95% Student-t intervals over seeds; `vs baseline` is the paired difference "
+        "(same seed = same training rows) with its interval, `p` the paired t-test, `w/t/l` seeds won, tied, lost.",
+        "",
+        "## Findings",
+        "",
+        *[f"- {s}" for s in findings(tables["paired"])],
+        "",
+    ]
+    for task in task_metrics(df, cfg.metric):
+        part = rows[rows["task"] == task].drop(columns=["task"])
+        lines += [f"## {task}", "", part.to_markdown(index=False, floatfmt=".4g"), ""]
+        for kind in ("scores", "differences", "cost", "gap"):
+            if (out / "plots" / f"{task}_{kind}.png").exists():
+                lines.append(f"![{task} {kind}](plots/{task}_{kind}.png)")
+        lines.append("")
+    wtl = tables["win_tie_loss"]
+    if not wtl.empty:
+        lines += ["## Wins, ties and losses against the baseline, all tasks", "", wtl.to_markdown(index=False), ""]
+    return _io.write_text(out / "results.md", "\n".join(lines))
 
 
 def console_rows(summary: pd.DataFrame, pairs: pd.DataFrame) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from spectune.compare.config import CompareConfig
 from spectune.compare.grid import run_grid
-from spectune.compare.report import analyse, write_report
+from spectune.compare.report import analyse, write_markdown, write_report
 
 
 @dataclass
@@ -48,4 +48,5 @@ def compare(cfg: CompareConfig, progress: bool = True, command: str | None = Non
     with quiet_libraries():
         df = run_grid(cfg, progress=progress)
     report = write_report(df, cfg, cfg.output_dir, command=command)
+    write_markdown(df, cfg, cfg.output_dir, command=command)
     return Comparison(results=df, tables=analyse(df, cfg), report=report)
