@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from spectune.train.config import TrainConfig, TrainConfigError, apply_overrides
+from spectune._config import ConfigError, load_model
+from spectune.train.config import TrainConfig
 
 # metric name -> whether higher is better; the test split's value is what a comparison ranks
 METRIC_DIRECTION = {"accuracy": True, "macro_f1": True, "loss": False, "perplexity": False}
@@ -67,31 +67,14 @@ class CompareConfig(BaseModel):
 
 def load_compare_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> CompareConfig:
     """Read, override (``key.path=value``) and validate a comparison; every cell is validated too."""
-    if isinstance(source, dict):
-        data, where = copy.deepcopy(source), "comparison config"
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise TrainConfigError(f"comparison config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise TrainConfigError(f"{path} is not valid YAML: {err}") from err
-        where = str(path)
-        if not isinstance(data, dict):
-            raise TrainConfigError(f"{path}: a comparison config is a mapping")
-    data = apply_overrides(data, overrides or [])
-    try:
-        cfg = CompareConfig.model_validate(data)
-    except ValidationError as err:
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        raise TrainConfigError(f"{where} is not a valid comparison config:\n  " + "\n  ".join(lines)) from None
+    cfg = load_model(CompareConfig, source, overrides, what="comparison config")
+    where = str(source) if not isinstance(source, dict) else "comparison config"
     for task in cfg.tasks:
         for method in cfg.methods:
             try:
                 cell_config(cfg, task, method, cfg.seeds[0])
-            except TrainConfigError as err:
-                raise TrainConfigError(f"{where}: cell task={task} method={method}: {err}") from None
+            except ConfigError as err:
+                raise ConfigError(f"{where}: cell task={task} method={method}: {err}") from None
     return cfg
 
 

@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from spectune._config import ConfigError, apply_overrides, load_model  # noqa: F401  (re-exported)
 
 from spectune.train.data import DataConfig
 
 
-class TrainConfigError(ValueError):
-    """A configuration that cannot run; the message lists each bad key by its dotted path."""
+TrainConfigError = ConfigError  # the name spectune.train has always raised
 
 
 class _Section(BaseModel):
@@ -106,41 +107,6 @@ class TrainConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``key.path=value`` pairs (values parsed as YAML) set into a nested config dict."""
-    for item in overrides:
-        if "=" not in item:
-            raise TrainConfigError(f"override '{item}' is not key.path=value")
-        path, raw = item.split("=", 1)
-        keys = path.strip().split(".")
-        node = data
-        for k in keys[:-1]:
-            if not isinstance(node.get(k, {}), dict):
-                raise TrainConfigError(f"override '{path}': '{k}' is not a section")
-            node = node.setdefault(k, {})
-        node[keys[-1]] = yaml.safe_load(raw)
-    return data
-
-
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
-    """Read, override and validate a training configuration."""
-    if isinstance(source, dict):
-        data = dict(source)
-        where = "config"
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise TrainConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise TrainConfigError(f"{path} is not valid YAML: {err}") from err
-        where = str(path)
-        if not isinstance(data, dict):
-            raise TrainConfigError(f"{path}: a config is a mapping of sections")
-    data = apply_overrides(data, overrides or [])
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as err:
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        raise TrainConfigError(f"{where} is not a valid training config:\n  " + "\n  ".join(lines)) from None
+    """Read, override (``key.path=value``) and validate a training configuration."""
+    return load_model(TrainConfig, source, overrides, what="training config")
