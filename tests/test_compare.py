@@ -111,6 +111,8 @@ def test_grid_runs_keeps_failures_and_resumes_only_missing_cells(assets, tmp_pat
     ok = df[df["status"] == "ok"]
     assert ok["test_accuracy"].between(0, 1).all() and (ok["trainable_parameters"] > 0).all()
     assert ok["peak_memory_mb"].gt(0).all() and "gap_accuracy" in ok
+    assert (ok.loc[ok["method"] == "full", "mean_lr_scale"] == 1.0).all()
+    assert ok.loc[ok["method"] == "phased", "mean_lr_scale"].between(0.1, 1.0).all()
     on_disk = pd.read_parquet(tmp_path / "cmp" / "results.parquet")
     assert len(on_disk) == 6
 

@@ -23,10 +23,10 @@ from spectune.train.config import TrainConfig
 # metric name -> whether higher is better; the test split's value is what a comparison ranks
 METRIC_DIRECTION = {"accuracy": True, "macro_f1": True, "loss": False, "perplexity": False}
 # Under the base: a grid shows one overall progress bar, evaluates once at the end of each
-# run (the final validation/test numbers are what it compares) and keeps no checkpoints or
-# final weights, unless the comparison's base asks for them.
+# run (the final validation/test numbers are what it compares), tracks no spectra and keeps
+# no checkpoints or final weights, unless the comparison's base asks for them.
 CELL_DEFAULTS: dict[str, Any] = {
-    "logging": {"progress": False, "tensorboard": False},
+    "logging": {"progress": False, "tensorboard": False, "track_metrics": []},
     "eval": {"every": "no"},
     "output": {"save_every": "no", "save_final": False},
 }

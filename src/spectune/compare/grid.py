@@ -27,7 +27,7 @@ RESULTS = "results"  # results.parquet and results.csv in the output folder
 FAILED_FILE = "failed.json"
 # Identity columns first, then what a reader looks for; metric columns follow in sorted order.
 ID_COLUMNS = ["task", "method", "seed", "status", "task_type", "method_kind", "policy"]
-COST_COLUMNS = ["trainable_parameters", "trainable_parameters_end", "total_parameters", "wall_time_s", "train_runtime_s", "analysis_time_s",
+COST_COLUMNS = ["mean_lr_scale", "trainable_parameters", "trainable_parameters_end", "total_parameters", "wall_time_s", "train_runtime_s", "analysis_time_s",
                 "peak_memory_mb", "global_step"]
 
 
@@ -60,6 +60,23 @@ def row_from_summary(cell: Cell, summary: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def mean_lr_scale(folder: Path) -> float:
+    """Mean per-matrix rate scale over the plans a run used (1 = the base rate everywhere).
+
+    A plan whose scales sit mostly below 1 trains with a smaller effective rate than
+    the uniform baseline; this column lets a reader see that before crediting or
+    blaming the per-layer pattern.
+    """
+    import yaml
+
+    means = []
+    for path in sorted((folder / "plans").glob("*.yaml")):
+        scales = list((yaml.safe_load(path.read_text()) or {}).get("lr_scale", {}).values())
+        if scales:
+            means.append(sum(scales) / len(scales))
+    return sum(means) / len(means) if means else 1.0
+
+
 def run_cell(cfg: CompareConfig, cell: Cell) -> dict[str, Any]:
     """Train one cell (or read it back when finished) and return its row of the results table."""
     from spectune.train.trainer import last_checkpoint, run
@@ -67,7 +84,7 @@ def run_cell(cfg: CompareConfig, cell: Cell) -> dict[str, Any]:
     folder = cell_dir(cfg, cell.task, cell.method, cell.seed)
     summary_path = folder / "summary.json"
     if summary_path.exists():
-        return row_from_summary(cell, json.loads(summary_path.read_text()))
+        return {**row_from_summary(cell, json.loads(summary_path.read_text())), "mean_lr_scale": mean_lr_scale(folder)}
     train_cfg = cell_config(cfg, cell.task, cell.method, cell.seed)
     resume = last_checkpoint(folder) is not None
     if folder.exists() and not resume:
@@ -86,7 +103,7 @@ def run_cell(cfg: CompareConfig, cell: Cell) -> dict[str, Any]:
     summary["peak_memory_mb"] = _memory.peak_rss_mb()
     _io.write_json(summary_path, summary)
     (folder / FAILED_FILE).unlink(missing_ok=True)
-    return row_from_summary(cell, summary)
+    return {**row_from_summary(cell, summary), "mean_lr_scale": mean_lr_scale(folder)}
 
 
 def tidy(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -219,6 +219,6 @@ def console_rows(summary: pd.DataFrame, pairs: pd.DataFrame) -> list[dict[str, A
             "p": p["p_ttest"].iloc[0] if len(p) else math.nan,
             "w/t/l": f"{p['wins'].iloc[0]}/{p['ties'].iloc[0]}/{p['losses'].iloc[0]}" if len(p) else "",
             "verdict": p["verdict"].iloc[0] if len(p) else "",
-            "trainable": r["trainable_parameters"], "time_s": r["wall_time_s"],
+            "lr scale": r.get("mean_lr_scale", math.nan), "trainable": r["trainable_parameters"], "time_s": r["wall_time_s"],
         })
     return rows

@@ -83,6 +83,7 @@ def summarize(df: pd.DataFrame, metric: str = "auto") -> pd.DataFrame:
                 "validation_mean": float(part[col.replace("test_", "validation_", 1)].mean())
                 if col.replace("test_", "validation_", 1) in part else math.nan,
                 "gap": float(part[gap[0]].mean()) if gap else math.nan, "gap_metric": gap[0] if gap else "",
+                "mean_lr_scale": float(part["mean_lr_scale"].mean()) if "mean_lr_scale" in part else math.nan,
                 "trainable_parameters": float(part["trainable_parameters"].mean()) if "trainable_parameters" in part else math.nan,
                 "wall_time_s": float(part["wall_time_s"].mean()) if "wall_time_s" in part else math.nan,
                 "peak_memory_mb": float(part["peak_memory_mb"].mean()) if "peak_memory_mb" in part else math.nan,

@@ -90,7 +90,10 @@ class LoggingSection(_Section):
     tensorboard: bool = True
     progress: bool = True
     track_spectra_every_steps: int = Field(0, ge=0, description="0: only at epoch ends")
-    track_metrics: list[str] = Field(default_factory=lambda: ["stable_rank", "top_eig_ratio", "alpha_hill", "spectral_norm"])
+    track_metrics: list[str] = Field(
+        default_factory=lambda: ["stable_rank", "top_eig_ratio", "alpha_hill", "spectral_norm"],
+        description="analysis columns tracked per matrix; [] switches spectral tracking off",
+    )
 
 
 class TrainConfig(_Section):

@@ -252,7 +252,8 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         replanner = cb.ReplanCallback(cfg.plan, plan, cfg.train.lr, cfg.train.weight_decay, run_dir, cache, planned_epoch,
                                       always=switchable.parameter_names() if switchable else None)
         callbacks.append(replanner)
-    callbacks.append(cb.SpectralTracker(run_dir, cfg.logging.track_metrics, cfg.logging.track_spectra_every_steps, cache))
+    if cfg.logging.track_metrics:  # an empty list switches tracking off (a comparison grid needs no trajectories)
+        callbacks.append(cb.SpectralTracker(run_dir, cfg.logging.track_metrics, cfg.logging.track_spectra_every_steps, cache))
     if cfg.method.kind == "adalora":
         callbacks.append(cb.AdaLoraBudget())
     switcher = None
