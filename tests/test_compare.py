@@ -55,6 +55,15 @@ def test_paired_differences_tests_and_counts():
     assert wtl.loc["better", "tasks_better"] == 1 and wtl.loc["noisy", "tasks_better"] == 0
 
 
+def test_methods_can_have_their_own_baseline():
+    df = _table({"full": [0.8, 0.8, 0.8], "lora": [0.6, 0.7, 0.65], "adaptive": [0.7, 0.75, 0.7]})
+    p = paired(df, {"full": None, "lora": "full", "adaptive": "lora"}).set_index("method")
+    assert p.loc["adaptive", "baseline"] == "lora" and p.loc["adaptive", "diff"] == pytest.approx(0.2 / 3)
+    assert p.loc["lora", "baseline"] == "full" and "full" not in p.index
+    with pytest.raises(TrainConfigError, match="pairs: 'nope'"):
+        load_compare_config({"tasks": {"t": {"data": {"name": "trec"}}}, "methods": {"a": {}, "b": {}}, "pairs": {"b": "nope"}})
+
+
 def test_lower_is_better_metrics_flip_the_verdict():
     df = _table({"base": [20.0, 21.0, 19.0], "lower": [18.0, 19.5, 17.0]}, metric="test_perplexity", task_type="causal_lm")
     p = paired(df, "base").set_index("method")

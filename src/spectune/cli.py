@@ -46,7 +46,8 @@ def _fmt(v: object) -> str:
 def _table(title: str, df, columns: list[str]) -> Table:  # type: ignore[no-untyped-def]
     t = Table(title=title, show_lines=False)
     for c in columns:
-        t.add_column(c, justify="left" if c in ("module_type", "name", "status") else "right")
+        left = c in ("module_type", "name", "status", "task", "method", "vs", "verdict")
+        t.add_column(c, justify="left" if left else "right", no_wrap=c in ("method", "vs", "verdict", "difference [95% CI]", "95% CI"))
     for rec in df[columns].to_dict(orient="records"):
         t.add_row(*(_fmt(rec[c]) for c in columns))
     return t

@@ -42,6 +42,10 @@ class CompareConfig(BaseModel):
     methods: dict[str, dict[str, Any]] = Field(description="method name -> train-config fragment")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     baseline: str | None = Field(None, description="the method every other is paired against; default: the first")
+    pairs: dict[str, str] = Field(
+        default_factory=dict,
+        description="method -> its own baseline, where the main one is the wrong reference (adaptive-rank LoRA vs uniform LoRA)",
+    )
     metric: Literal["auto", "accuracy", "macro_f1", "loss", "perplexity"] = Field(
         "auto", description="the test metric statistics are computed on; auto: accuracy (classification), perplexity (LM)"
     )
@@ -49,7 +53,7 @@ class CompareConfig(BaseModel):
     output_dir: str = "runs/compare"
 
     @model_validator(mode="after")
-    def _check(self) -> "CompareConfig":
+    def _check(self) -> "CompareConfig":  # noqa: C901 - one list of independent checks
         for what, names in (("task", self.tasks), ("method", self.methods)):
             if not names:
                 raise ValueError(f"at least one {what} is needed")
@@ -60,9 +64,22 @@ class CompareConfig(BaseModel):
             self.baseline = next(iter(self.methods))
         elif self.baseline not in self.methods:
             raise ValueError(f"baseline {self.baseline!r} is not one of the methods: {', '.join(self.methods)}")
+        for method, base in self.pairs.items():
+            for name in (method, base):
+                if name not in self.methods:
+                    raise ValueError(f"pairs: {name!r} is not one of the methods: {', '.join(self.methods)}")
+            if method == base:
+                raise ValueError(f"pairs: {method!r} is paired with itself")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds repeat: {self.seeds}")
         return self
+
+
+def baseline_of(cfg: CompareConfig, method: str) -> str | None:
+    """The method a method is paired against (None for the main baseline itself)."""
+    if method in cfg.pairs:
+        return cfg.pairs[method]
+    return None if method == cfg.baseline else cfg.baseline
 
 
 def load_compare_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> CompareConfig:

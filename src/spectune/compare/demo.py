@@ -31,6 +31,7 @@ DEMO: dict[str, Any] = {
     },
     "seeds": [0, 1, 2],
     "baseline": "full-uniform",
+    "pairs": {"lora-adaptive-rank": "lora-uniform"},
     "metric": "accuracy",
     "output_dir": "out/demo",
 }

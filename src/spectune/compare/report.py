@@ -12,7 +12,7 @@ import pandas as pd
 
 from spectune import _io
 from spectune._html import figure, gallery, page, save_png, table
-from spectune.compare.config import CompareConfig
+from spectune.compare.config import CompareConfig, baseline_of
 from spectune.compare.stats import higher_is_better, paired, summarize, task_metrics, win_tie_loss
 
 COLORS = {"better": "#2a7d2a", "worse": "#b22222", "no clear difference": "#555555", "too few pairs": "#999999"}
@@ -57,11 +57,11 @@ def plot_differences(pairs: pd.DataFrame, task: str, path: Path) -> Path:
             ax.plot([r["ci_low"], r["ci_high"]], [yi, yi], color=c, lw=2)
         ax.scatter([r["diff"]], [yi], marker="D", s=30, color=c, zorder=3)
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(y, list(p["method"]))
     ax.set_ylim(-0.6, len(p) - 0.4)
-    base = p["baseline"].iloc[0]
-    ax.set_xlabel(f"{p['metric'].iloc[0]}: method - {base}")
-    ax.set_title(f"{task}: paired difference to {base} (95% interval)")
+    bases = list(dict.fromkeys(p["baseline"]))
+    ax.set_yticks(y, [m if len(bases) == 1 else f"{m}\nvs {b}" for m, b in zip(p["method"], p["baseline"])])
+    ax.set_xlabel(f"{p['metric'].iloc[0]}: method - baseline")
+    ax.set_title(f"{task}: paired difference to {' / '.join(bases)} (95% interval)")
     ax.grid(axis="x", alpha=0.3)
     return save_png(fig, path)
 
@@ -115,7 +115,7 @@ def findings(pairs: pd.DataFrame) -> list[str]:
 def analyse(df: pd.DataFrame, cfg: CompareConfig) -> dict[str, pd.DataFrame]:
     """The tables a report shows, from the tidy results."""
     summary = summarize(df, cfg.metric)
-    pairs = paired(df, cfg.baseline or "", cfg.metric, cfg.tie_tolerance)
+    pairs = paired(df, {m: baseline_of(cfg, m) for m in cfg.methods}, cfg.metric, cfg.tie_tolerance)
     return {"summary": summary, "paired": pairs, "win_tie_loss": win_tie_loss(pairs)}
 
 
@@ -134,7 +134,9 @@ def write_report(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, comm
     esc = html.escape
     body: list[str] = [
         f"<p>{len(cfg.tasks)} task(s) x {len(cfg.methods)} method(s) x {len(cfg.seeds)} seed(s); "
-        f"baseline <b>{esc(str(cfg.baseline))}</b>; ranked by the test split's "
+        f"baseline <b>{esc(str(cfg.baseline))}</b>"
+        + "".join(f", {esc(m)} against <b>{esc(b)}</b>" for m, b in cfg.pairs.items())
+        + "; ranked by the test split's "
         f"{esc(cfg.metric if cfg.metric != 'auto' else 'accuracy (classification) / perplexity (LM)')}. "
         "Intervals are 95% Student-t intervals over seeds; differences are paired by seed "
         "(same seed = same training rows).</p>",
@@ -184,8 +186,9 @@ def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, co
     if command:
         lines += [f"Reproduce: `{command}`", ""]
     lines += [
-        f"{len(cfg.tasks)} task(s) x {len(cfg.methods)} method(s) x {len(cfg.seeds)} seed(s), baseline `{cfg.baseline}`. "
-        "Means with 95% Student-t intervals over seeds; `vs baseline` is the paired difference "
+        f"{len(cfg.tasks)} task(s) x {len(cfg.methods)} method(s) x {len(cfg.seeds)} seed(s), baseline `{cfg.baseline}`"
+        + "".join(f", `{m}` against `{b}`" for m, b in cfg.pairs.items()) + ". "
+        "Means with 95% Student-t intervals over seeds; `difference` is the paired difference to the method in `vs` "
         "(same seed = same training rows) with its interval, `p` the paired t-test, `w/t/l` seeds won, tied, lost.",
         "",
         "## Findings",
@@ -206,19 +209,27 @@ def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, co
     return _io.write_text(out / "results.md", "\n".join(lines))
 
 
+def _count(n: float) -> str:
+    if not math.isfinite(n):
+        return "-"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
+
+
 def console_rows(summary: pd.DataFrame, pairs: pd.DataFrame) -> list[dict[str, Any]]:
     """The printed results table: a row per task and method with its interval and its paired verdict."""
     rows = []
     for _, r in summary.iterrows():
         p = pairs[(pairs["task"] == r["task"]) & (pairs["method"] == r["method"])] if not pairs.empty else pairs
         rows.append({
-            "task": r["task"], "method": r["method"], "n": r["n"], "metric": r["metric"].removeprefix("test_"),
-            "mean": r["mean"], "95% CI": f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]" if math.isfinite(r["ci_low"]) else "-",
-            "vs baseline": (f"{p['diff'].iloc[0]:+.4f} [{p['ci_low'].iloc[0]:+.4f}, {p['ci_high'].iloc[0]:+.4f}]"
-                            if len(p) and math.isfinite(p["ci_low"].iloc[0]) else ("baseline" if p.empty else "-")),
-            "p": p["p_ttest"].iloc[0] if len(p) else math.nan,
+            "task": r["task"], "method": r["method"], "n": r["n"], "mean": f"{r['mean']:.3f}",
+            "95% CI": f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if math.isfinite(r["ci_low"]) else "-",
+            "vs": p["baseline"].iloc[0] if len(p) else "(baseline)",
+            "difference [95% CI]": (f"{p['diff'].iloc[0]:+.3f} [{p['ci_low'].iloc[0]:+.3f}, {p['ci_high'].iloc[0]:+.3f}]"
+                                    if len(p) and math.isfinite(p["ci_low"].iloc[0]) else "-"),
+            "p": f"{p['p_ttest'].iloc[0]:.2g}" if len(p) and math.isfinite(p["p_ttest"].iloc[0]) else "-",
             "w/t/l": f"{p['wins'].iloc[0]}/{p['ties'].iloc[0]}/{p['losses'].iloc[0]}" if len(p) else "",
             "verdict": p["verdict"].iloc[0] if len(p) else "",
-            "lr scale": r.get("mean_lr_scale", math.nan), "trainable": r["trainable_parameters"], "time_s": r["wall_time_s"],
+            "lr scale": f"{r.get('mean_lr_scale', math.nan):.2f}", "trainable": _count(r["trainable_parameters"]),
+            "time_s": f"{r['wall_time_s']:.0f}",
         })
     return rows

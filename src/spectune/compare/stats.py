@@ -8,7 +8,7 @@ removes the between-seed variance that dominates low-data fine-tuning.
 - interval: Student t, ``mean +- t_{0.975, n-1} * sd / sqrt(n)``;
 - paired test: ``scipy.stats.ttest_rel``, and the Wilcoxon signed-rank test when
   there are at least 6 pairs (below that it cannot reach p < 0.05);
-- several methods are compared with one baseline, so p-values are also given
+- several methods are compared with a baseline, so p-values are also given
   adjusted by Benjamini-Hochberg over the comparisons of each task;
 - a verdict reads the interval: ``better`` when it lies wholly on the good side of
   0, ``worse`` on the bad side, ``no clear difference`` otherwise.
@@ -101,11 +101,13 @@ def verdict(low: float, high: float, higher_better: bool) -> str:
     return "no clear difference"
 
 
-def paired(df: pd.DataFrame, baseline: str, metric: str = "auto", tie_tolerance: float = 0.0) -> pd.DataFrame:
-    """Every method against ``baseline`` per task, over the seeds both finished.
+def paired(df: pd.DataFrame, baseline: str | dict[str, str | None], metric: str = "auto",
+           tie_tolerance: float = 0.0) -> pd.DataFrame:
+    """Every method against its baseline per task, over the seeds both finished.
 
-    ``diff`` is method minus baseline in the metric's own units; ``wins`` count
-    seeds where the method is better by more than ``tie_tolerance``.
+    ``baseline`` is one method for all, or a mapping method -> its baseline (None:
+    not compared). ``diff`` is method minus baseline in the metric's own units;
+    ``wins`` count seeds where the method is better by more than ``tie_tolerance``.
     """
     rows = []
     ok = _ok(df)
@@ -115,21 +117,22 @@ def paired(df: pd.DataFrame, baseline: str, metric: str = "auto", tie_tolerance:
             continue
         up = higher_is_better(col)
         wide = part.pivot_table(index="seed", columns="method", values=col, aggfunc="first")
-        if baseline not in wide:
-            continue
         task_rows = []
-        for method in [m for m in part["method"].unique() if m != baseline]:
-            pair = wide[[baseline, method]].dropna()
-            d = (pair[method] - pair[baseline]).to_numpy(dtype=float)
+        for method in part["method"].unique():
+            base = baseline.get(method) if isinstance(baseline, dict) else (baseline if method != baseline else None)
+            if base is None or base not in wide or method not in wide:
+                continue
+            pair = wide[[base, method]].dropna()
+            d = (pair[method] - pair[base]).to_numpy(dtype=float)
             mean, lo, hi = t_interval(d)
             better = d > tie_tolerance if up else d < -tie_tolerance
             worse = d < -tie_tolerance if up else d > tie_tolerance
-            p_t = float(stats.ttest_rel(pair[method], pair[baseline]).pvalue) if len(d) >= 2 and np.any(d != d[0]) else math.nan
+            p_t = float(stats.ttest_rel(pair[method], pair[base]).pvalue) if len(d) >= 2 and np.any(d != d[0]) else math.nan
             p_w = math.nan
             if len(d) >= MIN_WILCOXON and np.any(d != 0):
                 p_w = float(stats.wilcoxon(d).pvalue)
             task_rows.append({
-                "task": task, "method": method, "baseline": baseline, "metric": col, "pairs": len(d),
+                "task": task, "method": method, "baseline": base, "metric": col, "pairs": len(d),
                 "diff": mean, "ci_low": lo, "ci_high": hi, "p_ttest": p_t, "p_wilcoxon": p_w,
                 "wins": int(better.sum()), "ties": int(len(d) - better.sum() - worse.sum()), "losses": int(worse.sum()),
                 "verdict": verdict(lo, hi, up),
