@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from spectune.study.landscape import hessian_top_eigenvalue, perturbation_sharpness
-from spectune.study.stats import Estimate, spearman_interval, t_interval, verdict
+from spectune.study.stats import Estimate, ols_coefficient, spearman_interval, t_interval, verdict
 from spectune.study.trajectories import lr_share
 from spectune.study.transform import (
     factor_for_top_ratio,
@@ -196,6 +196,21 @@ def test_claim_rule(lo: float, hi: float, direction: str, want: str) -> None:
     assert verdict(Estimate(0.0, lo, hi, 10, "t"), direction) == want  # type: ignore[arg-type]
 
 
+def test_ols_coefficient_matches_linregress() -> None:
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    x = np.repeat([-1.0, 0.0, 1.0], 3)
+    y = 0.5 - 0.2 * x + rng.normal(scale=0.1, size=x.size)
+    e = ols_coefficient(np.column_stack([np.ones_like(x), x]), y, 1)
+    ref = stats.linregress(x, y)
+    half = stats.t.ppf(0.975, x.size - 2) * ref.stderr
+    assert (e.value, e.lo, e.hi) == pytest.approx((ref.slope, ref.slope - half, ref.slope + half), rel=1e-10)
+    # an exact quadratic: the curvature is recovered, and with no residual the interval is a point
+    q = ols_coefficient(np.column_stack([np.ones_like(x), x, x**2]), 1 - 2 * x**2, 2)
+    assert q.value == pytest.approx(-2) and q.hi - q.lo == pytest.approx(0, abs=1e-9)
+
+
 def test_claim_rule_with_null() -> None:
     assert verdict(Estimate(0.7, 0.6, 0.8, 5, "t"), "positive", null=5 / 9) == "supported"
     assert verdict(Estimate(0.5, 0.4, 0.52, 5, "t"), "positive", null=5 / 9) == "not supported"
@@ -268,7 +283,17 @@ def tiny_assets(tmp_path_factory):  # type: ignore[no-untyped-def]
     return root
 
 
-def test_tiny_study_all_writes_report(tiny_assets: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def one_thread():  # type: ignore[no-untyped-def]
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine a second busy-waiting
+    OpenMP thread makes them several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tiny_study_all_writes_report(tiny_assets: Path, tmp_path: Path, one_thread: None) -> None:
     from spectune.study import run_study
 
     cfg = {

@@ -90,7 +90,6 @@ class ClaimsSection(_Section):
     gap: Literal["gap_loss", "gap_accuracy", "gap_macro_f1"] = Field(
         "gap_loss", description="the generalization gap the claims use (test minus train loss by default)"
     )
-    bootstrap: int = Field(2000, ge=100)
     early_fraction: float = Field(0.33, gt=0, lt=1, description="what 'early training' means, as a share of the steps")
 
 

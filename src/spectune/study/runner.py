@@ -33,7 +33,7 @@ PARTS: dict[str, RunFn] = {
 }
 STUDIES: dict[str, list[str]] = {**{k: [k] for k in PARTS}, "all": list(PARTS)}
 RULE = ("Claim rule: each claim is one statistic with a {conf:.0%} interval (Spearman rho with a Fisher-z interval, "
-        "a mean or paired difference with a t-interval, or a percentile bootstrap). Supported: the interval lies wholly "
+        "a mean or paired difference with a t-interval, or a least-squares coefficient with its t-interval). Supported: the interval lies wholly "
         "on the claimed side of the null; not supported: wholly on the other side; inconclusive: it contains the null "
         "(or there are too few points). Claims of 'some difference' (!= 0) can only be supported or inconclusive.")
 

@@ -32,24 +32,34 @@ CACHE = "study_landscape.json"
 
 
 def cell_landscape(cd: CellData, sec: LandscapeSection) -> dict[str, Any]:
-    """Both smoothness measures of one cell's final model (cached, keyed by the settings)."""
-    settings = sec.model_dump()
+    """Both smoothness measures of one cell's final model, each cached under the settings it depends on
+    (changing ``rel_size`` does not redo the Hessian, changing ``power_iters`` does not redo the draws)."""
+    common = {k: v for k, v in sec.model_dump().items() if k in ("batches", "batch_size", "split", "params")}
+    keys = {"sharpness": {**common, "rel_size": sec.rel_size, "draws": sec.draws},
+            "hessian": {**common, "power_iters": sec.power_iters, "tol": sec.tol}}
     cache = cd.dir / CACHE
-    if cache.exists():
-        saved = json.loads(cache.read_text())
-        if saved.get("settings") == settings:
-            return saved["values"]
-    model = cd.final_model()
-    batches = cd.batches(sec.split, sec.batches, sec.batch_size)
-    names = landscape_params(model, sec.params)
-    sharp = perturbation_sharpness(model, batches, rel_size=sec.rel_size, draws=sec.draws, params=names, seed=cd.cell.seed)
-    with torch.enable_grad():
-        top = hessian_top_eigenvalue(model, batches, params=names, iters=sec.power_iters, tol=sec.tol, seed=cd.cell.seed)
-    values = {"base_loss": sharp["base_loss"], "sharpness": sharp["mean_increase"], "sharpness_std": sharp["std_increase"],
-              "hessian_top": top["eigenvalue"], "hessian_iters": top["iterations"], "hessian_converged": top["converged"],
-              "n_params": sharp["n_params"], "rows": sum(len(next(iter(b.values()))) for b in batches)}
-    _io.write_json(cache, {"settings": settings, "values": values})
-    return values
+    saved: dict[str, Any] = json.loads(cache.read_text()) if cache.exists() else {}
+    todo = [m for m in keys if saved.get(m, {}).get("settings") != keys[m]]
+    if todo:
+        model = cd.final_model()
+        batches = cd.batches(sec.split, sec.batches, sec.batch_size)
+        names = landscape_params(model, sec.params)
+        rows = sum(len(next(iter(b.values()))) for b in batches)
+        if "sharpness" in todo:
+            sh = perturbation_sharpness(model, batches, rel_size=sec.rel_size, draws=sec.draws, params=names,
+                                        seed=cd.cell.seed)
+            saved["sharpness"] = {"settings": keys["sharpness"], "values": {
+                "base_loss": sh["base_loss"], "sharpness": sh["mean_increase"], "sharpness_std": sh["std_increase"],
+                "n_params": sh["n_params"], "rows": rows}}
+        if "hessian" in todo:
+            with torch.enable_grad():
+                top = hessian_top_eigenvalue(model, batches, params=names, iters=sec.power_iters, tol=sec.tol,
+                                             seed=cd.cell.seed)
+            saved["hessian"] = {"settings": keys["hessian"], "values": {
+                "hessian_top": top["eigenvalue"], "hessian_iters": top["iterations"],
+                "hessian_converged": top["converged"]}}
+        _io.write_json(cache, saved)
+    return {**saved["sharpness"]["values"], **saved["hessian"]["values"]}
 
 
 def run(scfg: StudyConfig, root: Path, out: Path, progress: bool) -> Part:

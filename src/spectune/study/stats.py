@@ -73,26 +73,6 @@ def spearman_interval(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.n
     return Estimate(rho, math.tanh(z - q * se), math.tanh(z + q * se), n, "spearman-fisher")
 
 
-def bootstrap_interval(groups: dict[float, np.ndarray], statistic, confidence: float = 0.95,  # type: ignore[no-untyped-def]
-                       resamples: int = 2000, seed: int = 0) -> Estimate:
-    """Percentile bootstrap of ``statistic(groups)`` resampling within each group (e.g. seeds within a dose)."""
-    value = float(statistic(groups))
-    n = int(sum(len(v) for v in groups.values()))
-    if any(len(v) < 2 for v in groups.values()) or not np.isfinite(value):
-        return Estimate(value, NAN, NAN, n, "bootstrap")
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(resamples):
-        g = {k: v[rng.integers(0, len(v), len(v))] for k, v in groups.items()}
-        draws.append(statistic(g))
-    arr = np.asarray(draws, dtype=float)
-    arr = arr[np.isfinite(arr)]
-    if arr.size == 0:
-        return Estimate(value, NAN, NAN, n, "bootstrap")
-    a = (1 - confidence) / 2
-    return Estimate(value, float(np.quantile(arr, a)), float(np.quantile(arr, 1 - a)), n, "bootstrap")
-
-
 def verdict(est: Estimate, direction: Direction, null: float = 0.0) -> Verdict:
     """The claim rule (docs/studies.md): the interval decides.
 
@@ -112,3 +92,27 @@ def verdict(est: Estimate, direction: Direction, null: float = 0.0) -> Verdict:
     if direction == "positive":
         return "supported" if above else "not supported" if below else "inconclusive"
     return "supported" if below else "not supported" if above else "inconclusive"
+
+
+def ols_coefficient(design: np.ndarray, y: np.ndarray, index: int, confidence: float = 0.95) -> Estimate:
+    """One least-squares coefficient with its t-interval (df = n - p), from individual cells.
+
+    Used for dose-response shapes: the cells themselves are the data, so the interval
+    reflects seed noise honestly even with two seeds per dose (a bootstrap within
+    two-seed groups would not).
+    """
+    x = np.asarray(design, dtype=float)
+    yy = np.asarray(y, dtype=float)
+    keep = np.isfinite(yy) & np.isfinite(x).all(axis=1)
+    x, yy = x[keep], yy[keep]
+    n, p = x.shape
+    if n <= p or np.linalg.matrix_rank(x) < p:
+        beta = np.linalg.lstsq(x, yy, rcond=None)[0] if n else np.full(p, NAN)
+        return Estimate(float(beta[index]) if n else NAN, NAN, NAN, n, "ols-t")
+    beta, *_ = np.linalg.lstsq(x, yy, rcond=None)
+    resid = yy - x @ beta
+    sigma2 = float(resid @ resid) / (n - p)
+    cov = sigma2 * np.linalg.inv(x.T @ x)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - p) * math.sqrt(cov[index, index]))
+    b = float(beta[index])
+    return Estimate(b, b - half, b + half, n, "ols-t")
