@@ -7,7 +7,6 @@ adapter (LoRA family); both are turned into one plain model here (adapters merge
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
