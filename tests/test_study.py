@@ -242,7 +242,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 def test_example_configs_validate() -> None:
     from spectune.study import load_study_config
 
-    examples = sorted(Path(__file__).parents[1].joinpath("examples").glob("study-*.yaml"))
+    examples = sorted(Path(__file__).parents[1].joinpath("examples", "study").glob("*.yaml"))
     assert examples
     for p in examples:
         load_study_config(p)

@@ -46,7 +46,7 @@ def _fmt(v: object) -> str:
 def _table(title: str, df, columns: list[str]) -> Table:  # type: ignore[no-untyped-def]
     t = Table(title=title, show_lines=False)
     for c in columns:
-        left = c in ("module_type", "name", "status", "task", "method", "vs", "verdict")
+        left = c in ("module_type", "name", "status", "task", "method", "vs", "verdict", "id", "claim")
         t.add_column(c, justify="left" if left else "right", no_wrap=c in ("method", "vs", "verdict", "difference [95% CI]", "95% CI"))
     for rec in df[columns].to_dict(orient="records"):
         t.add_row(*(_fmt(rec[c]) for c in columns))
@@ -260,6 +260,35 @@ def demo(
     cfg = demo_config(str(out), seeds)
     _c.out.print(f"[bold]{cfg.name}[/]: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds -> {out}/")
     _run_comparison(cfg, f"spectune demo --out {out} --seeds {seeds}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def study(
+    name: Annotated[str, typer.Argument(help="trajectories | controlled | layerwise | landscape | all")],
+    config: Annotated[Path, typer.Argument(help="study YAML (see examples/study/)")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="root folder (default: the config's output_dir)")] = None,
+) -> None:
+    """Seed 001's studies: spectra through fine-tuning, controlled eigenvalue ratios, layer-wise movement,
+    loss-landscape smoothness, and a claims table (supported / not supported / inconclusive)."""
+    from spectune.study import STUDIES, run_study
+    from spectune.train import TrainConfigError
+
+    if name not in STUDIES:
+        raise typer.BadParameter(f"unknown study {name!r}; choose one of: {', '.join(STUDIES)}")
+    try:
+        report = run_study(name, config, out_dir=out, overrides=overrides or [], progress=True)
+    except (TrainConfigError, FileNotFoundError, ValueError) as err:
+        _c.err.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    claims = report.parent / "claims.csv"
+    if claims.exists():
+        import pandas as pd
+
+        df = pd.read_csv(claims)
+        cols = [c for c in ("id", "claim", "verdict", "estimate", "lo", "hi", "n") if c in df]
+        _c.out.print(_table("claims (seed 001)", df, cols))
+    _c.out.print(f"report: {report}")
 
 
 def main() -> None:  # pragma: no cover
