@@ -63,6 +63,25 @@ def has_package(module: str) -> bool:
 
 
 WORDS = {0: "good great fine happy lovely", 1: "bad awful poor sad terrible", 2: "table chair door window floor"}
+FILLER = "the a of and to in is it that was for on".split()
+
+
+def keyword_csv(path: Path, n: int) -> random.Random:
+    """A 3-class CSV whose label is given by keywords among filler words (learnable in a few steps).
+
+    Returns the generator, so callers can draw more text from the same stream.
+    """
+    import pandas as pd
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        label = i % 3
+        words = rng.choices(WORDS[label].split(), k=4) + rng.choices(FILLER, k=4)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words) + f" {i}", "label": ["pos", "neg", "thing"][label]})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return rng
 
 
 def make_train_assets(root: Path, llama: bool = True) -> Path:
@@ -92,15 +111,7 @@ def make_train_assets(root: Path, llama: bool = True) -> Path:
                                                 num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True))
         lm.save_pretrained(root / "llama")
         tokenizer_files(root / "llama")
-    rng = random.Random(0)
-    filler = "the a of and to in is it that was for on".split()
-    rows = []
-    for i in range(150):
-        label = i % 3
-        words = rng.choices(WORDS[label].split(), k=4) + rng.choices(filler, k=4)
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words) + f" {i}", "label": ["pos", "neg", "thing"][label]})
-    pd.DataFrame(rows).to_csv(root / "cls.csv", index=False)
+    rng = keyword_csv(root / "cls.csv", 150)
     lines = [{"text": " ".join(rng.choices(WORDS[i % 3].split(), k=12)) + f" {i}"} for i in range(90)]
     pd.DataFrame(lines).to_json(root / "lm.jsonl", orient="records", lines=True)
     return root

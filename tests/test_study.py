@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.conftest import FILLER, WORDS, keyword_csv
 from spectune.study.landscape import hessian_top_eigenvalue, perturbation_sharpness
 from spectune.study.stats import Estimate, ols_coefficient, spearman_interval, t_interval, verdict
 from spectune.study.trajectories import lr_share
@@ -250,19 +251,13 @@ def test_example_configs_validate() -> None:
 
 # --- a tiny study, end to end --------------------------------------------------------------------
 
-WORDS = {0: "good great fine happy lovely", 1: "bad awful poor sad terrible", 2: "table chair door window floor"}
-
-
 @pytest.fixture(scope="module")
 def tiny_assets(tmp_path_factory):  # type: ignore[no-untyped-def]
     """A tiny BERT with a 60-word WordPiece vocabulary (a small embedding keeps tracking cheap) and a 3-class CSV."""
-    import random
-
     import transformers as tf
 
     root = tmp_path_factory.mktemp("study-assets")
-    filler = "the a of and to in is it that was for on".split()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *" ".join(WORDS.values()).split(), *filler,
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *" ".join(WORDS.values()).split(), *FILLER,
              *[str(d) for d in range(10)], *[f"##{d}" for d in range(10)]]
     (root / "bert").mkdir()
     (root / "bert" / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -271,14 +266,7 @@ def tiny_assets(tmp_path_factory):  # type: ignore[no-untyped-def]
     bert = tf.BertModel(tf.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       intermediate_size=64, max_position_embeddings=64))
     bert.save_pretrained(root / "bert")
-    rng = random.Random(0)
-    rows = []
-    for i in range(96):
-        label = i % 3
-        words = rng.choices(WORDS[label].split(), k=4) + rng.choices(filler, k=4)
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words) + f" {i}", "label": ["pos", "neg", "thing"][label]})
-    pd.DataFrame(rows).to_csv(root / "cls.csv", index=False)
+    keyword_csv(root / "cls.csv", 96)
     return root
 
 

@@ -10,16 +10,15 @@ same cells and a second study reuses the first one's runs.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from spectune.analyze.naming import MODULE_TYPES
 from spectune.compare.config import CompareConfig, load_compare_config, merge
-from spectune.train.config import TrainConfigError, apply_overrides
+from spectune._config import load_model
+from spectune.train.config import TrainConfigError
 
 TRACKED = ["stable_rank", "top_eig_ratio", "alpha_hill", "spectral_norm"]
 
@@ -125,25 +124,8 @@ class StudyConfig(_Section):
 
 def load_study_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> StudyConfig:
     """Read, override (``key.path=value``) and validate a study config; the grid's cells are validated too."""
-    if isinstance(source, dict):
-        data, where = copy.deepcopy(source), "study config"
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise TrainConfigError(f"study config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise TrainConfigError(f"{path} is not valid YAML: {err}") from err
-        where = str(path)
-        if not isinstance(data, dict):
-            raise TrainConfigError(f"{path}: a study config is a mapping")
-    data = apply_overrides(data, overrides or [])
-    try:
-        cfg = StudyConfig.model_validate(data)
-    except ValidationError as err:
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-        raise TrainConfigError(f"{where} is not a valid study config:\n  " + "\n  ".join(lines)) from None
+    cfg = load_model(StudyConfig, source, overrides, what="study config")
+    where = str(source) if not isinstance(source, dict) else "study config"
     if cfg.controlled.method is not None and cfg.controlled.method not in cfg.grid.methods:
         raise TrainConfigError(f"{where}: controlled.method {cfg.controlled.method!r} is not a grid method: "
                                f"{', '.join(cfg.grid.methods)}")

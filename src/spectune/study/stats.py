@@ -14,6 +14,8 @@ from typing import Literal, Sequence
 import numpy as np
 from scipy import stats
 
+from spectune.compare import stats as compare_stats
+
 Direction = Literal["positive", "negative", "nonzero"]
 Verdict = Literal["supported", "not supported", "inconclusive", "not evaluated"]
 MIN_POINTS = 4  # below this a correlation or mean interval is not worth reporting as evidence
@@ -40,14 +42,8 @@ NAN = float("nan")
 def t_interval(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> Estimate:
     """Mean and Student-t interval; why t: a handful of seeds, normal-ish metric noise."""
     x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-    n = x.size
-    if n == 0:
-        return Estimate(NAN, NAN, NAN, 0, "t")
-    mean = float(x.mean())
-    if n < 2:
-        return Estimate(mean, NAN, NAN, n, "t")
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-    return Estimate(mean, mean - half, mean + half, n, "t")
+    mean, lo, hi = compare_stats.t_interval(x, confidence)
+    return Estimate(mean, lo, hi, int(x.size), "t")
 
 
 def spearman_interval(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray,
