@@ -13,6 +13,7 @@ from scipy import stats
 
 from spectune.compare import cell_config, load_compare_config, run_grid
 from spectune.compare.config import cell_dir
+from spectune.compare.grid import StaleCell
 from spectune.compare.report import write_report
 from spectune.compare.stats import paired, summarize, t_interval, verdict, win_tie_loss
 from spectune.train import TrainConfigError
@@ -101,6 +102,7 @@ def _grid(assets, out, **extra):  # type: ignore[no-untyped-def]
         "name": "tiny",
         "base": {"model": {"name": str(assets / "bert"), "max_length": 16}, "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3},
                  "eval": {"batch_size": 64}},
+        **({"base": extra.pop("base")} if "base" in extra else {}),
         "tasks": {"toy": {"data": {"path": str(assets / "cls.csv")}}},
         "methods": {"full": {}, "phased": {"plan": {"policy": "phased"}},
                     "broken": {"plan": {"file": str(out / "no-such-plan.yaml")}}},
@@ -140,6 +142,11 @@ def test_grid_runs_keeps_failures_and_resumes_only_missing_cells(assets, tmp_pat
         df[df["status"] == "ok"].drop(columns=["wall_time_s", "train_runtime_s", "peak_memory_mb", "analysis_time_s"]).reset_index(drop=True),
         check_exact=False, atol=1e-6,
     )  # the retrained cell reproduces its first result: same seed, same rows
+
+    # an edited comparison refuses to reuse cells trained under the old config, naming the key
+    edited = _grid(assets, tmp_path / "cmp", base={**cfg.base, "train": {**cfg.base["train"], "lr": 5e-4}})
+    with pytest.raises(StaleCell, match="train.lr: was 0.001, now 0.0005"):
+        run_grid(edited, progress=False)
 
     report = write_report(again, cfg, cfg.output_dir, command="spectune compare tiny.yaml")
     text = report.read_text()

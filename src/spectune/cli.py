@@ -226,9 +226,14 @@ def _print_comparison(result) -> None:  # type: ignore[no-untyped-def]
 
 
 def _run_comparison(cfg, command: str) -> None:  # type: ignore[no-untyped-def]
+    from spectune.compare.grid import StaleCell
     from spectune.compare.run import compare as run_compare
 
-    result = run_compare(cfg, progress=True, command=command)
+    try:
+        result = run_compare(cfg, progress=True, command=command)
+    except StaleCell as err:
+        _c.err.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2) from None
     _print_comparison(result)
 
 

@@ -31,6 +31,25 @@ COST_COLUMNS = ["mean_lr_scale", "trainable_parameters", "trainable_parameters_e
                 "peak_memory_mb", "global_step"]
 
 
+class StaleCell(RuntimeError):
+    """A cell folder holds a run of another config: reusing it would mix two experiments."""
+
+
+def _first_difference(old: str, new: str) -> str:
+    import yaml
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, val in node.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): node}
+
+    a, b = flat(yaml.safe_load(old)), flat(yaml.safe_load(new))
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            return f"{key}: was {a.get(key)!r}, now {b.get(key)!r}"
+    return "formatting only"
+
+
 @dataclass(frozen=True)
 class Cell:
     task: str
@@ -83,9 +102,17 @@ def run_cell(cfg: CompareConfig, cell: Cell) -> dict[str, Any]:
 
     folder = cell_dir(cfg, cell.task, cell.method, cell.seed)
     summary_path = folder / "summary.json"
+    train_cfg = cell_config(cfg, cell.task, cell.method, cell.seed)
+    stored = folder / "config.yaml"
+    if stored.exists() and stored.read_text() != train_cfg.to_yaml():
+        # an edited comparison must not silently reuse (or resume) cells trained under the old one
+        raise StaleCell(
+            f"{folder} was trained with a different config than the comparison now gives this cell "
+            f"({_first_difference(stored.read_text(), train_cfg.to_yaml())}); "
+            "delete that folder to retrain it, or choose another output_dir"
+        )
     if summary_path.exists():
         return {**row_from_summary(cell, json.loads(summary_path.read_text())), "mean_lr_scale": mean_lr_scale(folder)}
-    train_cfg = cell_config(cfg, cell.task, cell.method, cell.seed)
     resume = last_checkpoint(folder) is not None
     if folder.exists() and not resume:
         shutil.rmtree(folder)  # a cell cut short before its first checkpoint: nothing in it to keep
