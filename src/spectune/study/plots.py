@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,13 +31,7 @@ def lines(df: pd.DataFrame, x: str, y: str, by: str, path: Path, title: str, xla
                 ax.fill_between(g[x], g[lo], g[hi], color=colors[key], alpha=0.15)
     if hline is not None:
         ax.axhline(hline, color="#888", lw=0.8)
-    if logx:
-        ax.set_xscale("log", base=2)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return save_png(fig, path)
+    return _finish(fig, ax, path, title, xlabel, ylabel, logx)
 
 
 def errorbars(df: pd.DataFrame, x: str, y: str, lo: str, hi: str, by: str, path: Path, title: str,
@@ -57,13 +52,7 @@ def errorbars(df: pd.DataFrame, x: str, y: str, lo: str, hi: str, by: str, path:
             p = points[points[by] == key]
             px = p[x] * shift if logx else p[x] + shift
             ax.plot(px, p[py], ".", color=f"C{i}", alpha=0.35)
-    if logx:
-        ax.set_xscale("log", base=2)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return save_png(fig, path)
+    return _finish(fig, ax, path, title, xlabel, ylabel, logx)
 
 
 def scatter(df: pd.DataFrame, x: str, y: str, by: str, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
@@ -71,6 +60,17 @@ def scatter(df: pd.DataFrame, x: str, y: str, by: str, path: Path, title: str, x
     fig, ax = figure((5.6, 4.0), right=0.74)
     for i, (key, g) in enumerate(df.groupby(by, sort=False)):
         ax.plot(g[x], g[y], MARKERS[i % len(MARKERS)], color=f"C{i}", label=str(key), alpha=0.8)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return save_png(fig, path)
+
+
+def _finish(fig: Any, ax: Any, path: Path, title: str, xlabel: str, ylabel: str, logx: bool) -> Path:
+    """The furniture every study plot shares: log2 x when asked, labels, a legend outside, saved."""
+    if logx:
+        ax.set_xscale("log", base=2)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
