@@ -96,8 +96,15 @@ def plot_gap(summary: pd.DataFrame, task: str, path: Path) -> Path:
     return save_png(fig, path)
 
 
-def findings(pairs: pd.DataFrame) -> list[str]:
-    """One plain sentence per comparison, the same words whichever way the result goes."""
+def findings(pairs: pd.DataFrame, summary: pd.DataFrame | None = None) -> list[str]:
+    """One plain sentence per comparison, the same words whichever way the result goes.
+
+    A plan whose mean rate scale is well below 1 trained with smaller steps than its
+    baseline; the sentence says so, since that alone can explain a difference.
+    """
+    scale: dict[tuple[str, str], float] = {}
+    if summary is not None and "mean_lr_scale" in summary:
+        scale = {(r["task"], r["method"]): float(r["mean_lr_scale"]) for _, r in summary.iterrows()}
     out = []
     for _, r in pairs.iterrows():
         if r["verdict"] == "too few pairs":
@@ -109,6 +116,10 @@ def findings(pairs: pd.DataFrame) -> list[str]:
             f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] over {r['pairs']} seeds, paired t-test p={r['p_ttest']:.3g}, "
             f"wins/ties/losses {r['wins']}/{r['ties']}/{r['losses']}."
         )
+        mine, theirs = scale.get((r["task"], r["method"]), 1.0), scale.get((r["task"], r["baseline"]), 1.0)
+        if math.isfinite(mine) and math.isfinite(theirs) and mine < 0.9 * theirs:
+            out[-1] += (f" Its plan's mean rate scale was {mine:.2f} (baseline {theirs:.2f}): part of the difference "
+                        "may be the smaller overall step size rather than the per-layer pattern.")
     return out
 
 
@@ -147,7 +158,7 @@ def write_report(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, comm
     total = len(cfg.tasks) * len(cfg.methods) * len(cfg.seeds)
     if done < total:
         body.append(f"<p class=warn>{done} of {total} cells finished; the statistics use those.</p>")
-    body += ["<h2>Findings</h2>", "<ul>" + "".join(f"<li>{esc(s)}</li>" for s in findings(pairs)) + "</ul>"
+    body += ["<h2>Findings</h2>", "<ul>" + "".join(f"<li>{esc(s)}</li>" for s in findings(pairs, summary)) + "</ul>"
              if not pairs.empty else "<p>No paired comparison yet.</p>"]
     if not pairs.empty:
         classes = ["good" if v == "better" else "bad" if v == "worse" else "" for v in pairs["verdict"]]
@@ -193,7 +204,7 @@ def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, co
         "",
         "## Findings",
         "",
-        *[f"- {s}" for s in findings(tables["paired"])],
+        *[f"- {s}" for s in findings(tables["paired"], tables["summary"])],
         "",
     ]
     for task in task_metrics(df, cfg.metric):
