@@ -174,3 +174,15 @@ def test_demo_config_is_the_promised_grid():
     policies = {cell_config(cfg, "trec", m, 0).plan.policy for m in cfg.methods}
     assert {"phased", "alpha-balance", "adaptive-rank", None} <= policies and len(cfg.seeds) == 3
     assert cell_config(cfg, "trec", "full-uniform", 0).model.name == "minilm"
+
+
+def test_findings_name_the_direction_and_a_smaller_mean_rate():
+    from spectune.compare.report import findings
+
+    df = _table({"base": [0.8, 0.82, 0.81], "slow": [0.5, 0.55, 0.52], "same": [0.8, 0.83, 0.80]})
+    df["mean_lr_scale"] = df["method"].map({"base": 1.0, "slow": 0.4, "same": 1.0})
+    text = findings(paired(df, "base"), summarize(df))
+    slow = next(s for s in text if s.startswith("t: slow"))
+    same = next(s for s in text if s.startswith("t: same"))
+    assert "worse than base" in slow and "mean rate scale was 0.40" in slow
+    assert "not distinguishable from base" in same and "rate scale" not in same
