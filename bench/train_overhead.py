@@ -54,6 +54,7 @@ bench/results/logs/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -241,40 +242,16 @@ def _child(kind: str, opts: dict, out_path: str) -> None:
         rec["plans"] = [Path(p).name for p in result.plans]
         rec["train_runtime_s"] = summary.get("train_runtime_s")
     else:
-        from transformers import Trainer, TrainingArguments, set_seed
+        from transformers import Trainer, set_seed
 
         set_seed(cfg.train.seed)
         splits = tr.load_data(cfg.data)
         model, tok = tr.load_model(cfg, "classification", len(splits.label_names or []))
         data = tr.tokenize(splits, tok, cfg.model.max_length)
         total_steps = (len(data["train"]) + cfg.train.batch_size - 1) // cfg.train.batch_size * int(cfg.train.epochs)
-        args = TrainingArguments(
-            output_dir=str(Path(work) / "checkpoints"),
-            num_train_epochs=cfg.train.epochs,
-            max_steps=cfg.train.max_steps,
-            per_device_train_batch_size=cfg.train.batch_size,
-            per_device_eval_batch_size=cfg.eval.batch_size,
-            gradient_accumulation_steps=cfg.train.grad_accum,
-            learning_rate=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            warmup_steps=int(cfg.train.warmup_ratio * total_steps),
-            lr_scheduler_type=cfg.train.scheduler,
-            max_grad_norm=cfg.train.max_grad_norm,
-            seed=cfg.train.seed,
-            data_seed=cfg.train.seed,
-            bf16=cfg.train.bf16,
-            eval_strategy="no",
-            save_strategy="no",
-            save_total_limit=cfg.output.save_total_limit,
-            logging_strategy="steps",
-            logging_steps=cfg.logging.every_steps,
-            logging_nan_inf_filter=False,
-            report_to=[],
-            disable_tqdm=True,
-            remove_unused_columns=False,
-            use_cpu=not torch.cuda.is_available(),
-            dataloader_num_workers=0,
-        )
+        # the run's own arguments, minus what a timing run must not do (evaluate, save, log to disk)
+        args = dataclasses.replace(tr.training_arguments(cfg, Path(work) / "checkpoints", total_steps),
+                                   eval_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True)
         trainer_cls = Trainer
         if kind == "plain_analyzed":
             from spectune.analyze import analyze

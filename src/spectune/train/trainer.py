@@ -274,36 +274,7 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     if cfg.logging.tensorboard:
         # the Trainer's TensorBoard callback reads its folder from the environment; keep it in the run folder
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard" / "trainer")
-    args = TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
-        num_train_epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps,
-        per_device_train_batch_size=cfg.train.batch_size,
-        per_device_eval_batch_size=cfg.eval.batch_size,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        learning_rate=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        warmup_steps=int(cfg.train.warmup_ratio * total_steps),
-        lr_scheduler_type=cfg.train.scheduler,
-        max_grad_norm=cfg.train.max_grad_norm,
-        seed=cfg.train.seed,
-        data_seed=cfg.train.seed,
-        bf16=cfg.train.bf16,
-        eval_strategy=cfg.eval.every,
-        eval_steps=cfg.eval.every_steps or None,
-        save_strategy=cfg.output.save_every,
-        save_steps=cfg.output.save_every_steps or None,
-        save_total_limit=cfg.output.save_total_limit,
-        logging_strategy="steps",
-        logging_steps=cfg.logging.every_steps,
-        logging_nan_inf_filter=False,
-        report_to=["tensorboard"] if cfg.logging.tensorboard and _has_tensorboard() else [],
-        disable_tqdm=not cfg.logging.progress,
-        remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-        ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,
-        dataloader_num_workers=0,
-    )
+    args = training_arguments(cfg, run_dir / "checkpoints", total_steps, world)
     trainer = SpectralTrainer(
         model=model,
         args=args,
@@ -376,6 +347,40 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     if main:
         _io.write_json(run_dir / "summary.json", summary)
     return RunResult(run_dir=run_dir, metrics=results, plans=summary["plans"])
+
+
+def training_arguments(cfg: TrainConfig, output_dir: Path, total_steps: int, world: int = 1) -> TrainingArguments:
+    """The Trainer's arguments for a config: one place, shared with the overhead benchmark's plain Trainer."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        per_device_train_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        learning_rate=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        warmup_steps=int(cfg.train.warmup_ratio * total_steps),
+        lr_scheduler_type=cfg.train.scheduler,
+        max_grad_norm=cfg.train.max_grad_norm,
+        seed=cfg.train.seed,
+        data_seed=cfg.train.seed,
+        bf16=cfg.train.bf16,
+        eval_strategy=cfg.eval.every,
+        eval_steps=cfg.eval.every_steps or None,
+        save_strategy=cfg.output.save_every,
+        save_steps=cfg.output.save_every_steps or None,
+        save_total_limit=cfg.output.save_total_limit,
+        logging_strategy="steps",
+        logging_steps=cfg.logging.every_steps,
+        logging_nan_inf_filter=False,
+        report_to=["tensorboard"] if cfg.logging.tensorboard and _has_tensorboard() else [],
+        disable_tqdm=not cfg.logging.progress,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,
+        dataloader_num_workers=0,
+    )
 
 
 def _has_tensorboard() -> bool:
