@@ -186,3 +186,18 @@ def test_findings_name_the_direction_and_a_smaller_mean_rate():
     same = next(s for s in text if s.startswith("t: same"))
     assert "worse than base" in slow and "mean rate scale was 0.40" in slow
     assert "not distinguishable from base" in same and "rate scale" not in same
+
+
+def test_curve_puts_each_tasks_setting_beside_its_paired_difference(assets, tmp_path):  # type: ignore[no-untyped-def]
+    from spectune.compare.report import curve_table, plot_curve
+
+    cfg = load_compare_config({
+        "name": "curve", "base": {"model": {"name": str(assets / "bert")}},
+        "tasks": {f"toy-{n}": {"data": {"path": str(assets / "cls.csv"), "max_examples": n}} for n in (64, 32)},
+        "methods": {"a": {}, "b": {}}, "seeds": [0, 1], "curve": "data.max_examples", "output_dir": str(tmp_path)})
+    df = _table({"a": [0.5, 0.6, 0.55], "b": [0.6, 0.62, 0.6]}).assign(task="toy-32")
+    df = pd.concat([df, _table({"a": [0.7, 0.72, 0.71], "b": [0.7, 0.73, 0.70]}).assign(task="toy-64")])
+    curve = curve_table(paired(df, "a"), cfg)
+    assert list(curve["x"]) == [32, 64] and set(curve["family"]) == {"cls"}
+    assert curve.loc[curve["x"] == 32, "diff"].iloc[0] == pytest.approx(np.mean([0.1, 0.02, 0.05]))
+    assert plot_curve(curve, "data.max_examples", tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")

@@ -274,3 +274,38 @@ def test_axolotl_fragment_is_yaml_with_patterns_and_groups():
     frag2 = yaml.safe_load(axolotl_fragment(plan(SVD, "phased", {"phase": "svd"}), base_lr=1e-4))
     lrs = sorted(g["lr"] for g in frag2["lr_groups"])
     assert lrs == pytest.approx([1e-5, 5e-5])
+
+
+def test_normalize_mean_gives_a_parameter_weighted_mean_of_one_under_the_cap():
+    from spectune.plan.policies._common import normalize_mean
+
+    scales = {"a": 0.5, "b": 1.0, "c": 0.1, "frozen": 0.0}
+    sizes = {"a": 100, "b": 300, "c": 600, "frozen": 50}
+    out = normalize_mean(scales, sizes, cap=4.0)
+    w = np.array([sizes[k] for k in scales], float)
+    v = np.array([out[k] for k in scales])
+    assert (w * v).sum() / w.sum() == pytest.approx(1.0, abs=1e-9)
+    c = 1050 / (0.5 * 100 + 1.0 * 300 + 0.1 * 600)  # no scale reaches the cap: one common factor, by hand
+    assert [out[k] for k in "abc"] == pytest.approx([0.5 * c, 1.0 * c, 0.1 * c], rel=1e-9) and out["frozen"] == 0.0
+    capped = normalize_mean({"x": 1.0, "y": 0.01}, {"x": 1, "y": 1}, cap=1.5)
+    assert capped["x"] == pytest.approx(1.5) and capped["y"] == pytest.approx(0.5, rel=1e-9)  # y takes up the rest
+    with pytest.raises(ValueError, match="cannot reach 1"):
+        normalize_mean({"x": 1.0, "y": 0.0}, {"x": 1, "y": 3}, cap=2.0)
+
+
+def test_rate_policies_normalize_to_mean_one_and_keep_their_pattern():
+    rows = [{"name": f"l.{i}.w.weight", "module_type": "attn_q", "alpha_hill": a, "numel": n}
+            for i, (a, n) in enumerate([(2.0, 64), (4.0, 256), (8.0, 1024)])]
+    t = table(rows)
+    raw = plan(t, "alpha-balance")
+    norm = plan(t, "alpha-balance", {"normalize": "mean"})
+    sizes = {r["name"]: r["numel"] for r in rows}
+    mean = sum(sizes[k] * v for k, v in norm.lr_scale.items()) / sum(sizes.values())
+    assert mean == pytest.approx(1.0, abs=1e-6)
+    ratio = [norm.lr_scale[k] / raw.lr_scale[k] for k in raw.lr_scale]
+    assert max(ratio) == pytest.approx(min(ratio), rel=1e-5)  # one factor: the per-layer pattern is unchanged
+    assert "normalize: mean" in norm.notes[-1] and norm.max_scale == 4.0
+    ph = plan(SVD, "phased", {"normalize": "mean", "max_scale": 1.5})
+    assert max(ph.lr_scale.values()) <= 1.5 + 1e-9
+    with pytest.raises(PlanError, match="max_scale"):
+        plan(SVD, "phased", {"normalize": "mean", "max_scale": 0.5})

@@ -333,3 +333,49 @@ def test_tiny_study_all_writes_report(tiny_assets: Path, tmp_path: Path, one_thr
     t = time.perf_counter()
     run_study("layerwise", cfg, out_dir=tmp_path / "study", progress=False)
     assert time.perf_counter() - t < 15
+
+
+def test_changed_transform_settings_train_new_cells(tiny_assets: Path, tmp_path: Path, one_thread: None) -> None:
+    """Issue 12: another top_k or layers must not pair its doses with the cells of the old transform."""
+    import json
+
+    import yaml
+
+    from spectune.study import load_study_config, run_study
+    from spectune.study.controlled import build
+
+    cfg = {
+        "name": "tiny",
+        "grid": {"base": {"model": {"name": str(tiny_assets / "bert"), "max_length": 16},
+                          "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3}, "eval": {"every": "no", "batch_size": 64}},
+                 "tasks": {"toy": {"data": {"path": str(tiny_assets / "cls.csv")}}},
+                 "methods": {"full": {"method": {"kind": "full"}}}, "seeds": [0]},
+        "controlled": {"arms": {"attention": ["attn_q", "attn_k", "attn_v", "attn_o"]}, "doses": [1.0, 4.0], "seeds": [0]},
+    }
+    root = tmp_path / "study"
+    trained: dict[int, set[str]] = {}
+    for k in (1, 3, 1):
+        cfg["controlled"]["top_k"] = k
+        run_study("controlled", cfg, out_dir=root, progress=False)
+        ccfg, log = build(load_study_config(cfg), root)
+        cells = list(Path(ccfg.output_dir).glob("cells/toy/*/seed-0"))
+        assert len(cells) == 2
+        for cell in cells:  # every score comes from a cell trained on this setting's transformed model
+            model = yaml.safe_load((cell / "config.yaml").read_text())["model"]["name"]
+            settings = json.loads((Path(model) / "spectune_transform.json").read_text())
+            assert settings["top_k"] == k
+        stamps = {str(c): (c / "summary.json").stat().st_mtime_ns for c in cells}
+        if k in trained:
+            assert stamps == trained[k]  # switching back reuses the cells of that setting, untouched
+        trained[k] = stamps
+    assert not set(trained[1]) & set(trained[3])
+
+
+def test_arm_names_cannot_leave_the_study_folder() -> None:
+    from spectune.study import load_study_config
+    from spectune.train.config import TrainConfigError
+
+    good = {"grid": {"tasks": {"t": {"data": {"name": "trec"}}}, "methods": {"full": {"method": {"kind": "full"}}}}}
+    for bad in ("../../../x", "a/b", ".hidden", "control"):
+        with pytest.raises(TrainConfigError, match="arm name"):
+            load_study_config({**good, "controlled": {"arms": {bad: ["attn_q"]}}})

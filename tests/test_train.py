@@ -106,16 +106,25 @@ class Crash(TrainerCallback):
             raise KeyboardInterrupt("simulated kill")
 
 
-def test_killed_run_resumes_to_the_same_result(assets, tmp_path):  # type: ignore[no-untyped-def]
-    over = dict(plan={"policy": "phased"}, output={"save_every": "steps", "save_every_steps": 3}, train={"epochs": 2})
+# 7 steps an epoch: a checkpoint at 12 lies in epoch 1, one at 5 more than half into epoch 0 (where
+# rounding state.epoch used to apply epoch 1's plan at the resume, two steps early)
+@pytest.mark.parametrize("save_every, crash_at", [(3, 13), (5, 6)])
+def test_killed_run_resumes_to_the_same_result(assets, tmp_path, save_every, crash_at):  # type: ignore[no-untyped-def]
+    over = dict(plan={"policy": "phased"}, output={"save_every": "steps", "save_every_steps": save_every}, train={"epochs": 2})
     ref = run(_cfg(assets, tmp_path / "ref", **over))
     with pytest.raises(KeyboardInterrupt):
-        run(_cfg(assets, tmp_path / "cut", **over), extra_callbacks=[Crash(at=13)])
+        run(_cfg(assets, tmp_path / "cut", **over), extra_callbacks=[Crash(at=crash_at)])
     with pytest.raises(FileExistsError, match="--resume"):
         run(_cfg(assets, tmp_path / "cut", **over))
     resumed = run(_cfg(assets, tmp_path / "cut", **over), resume=True)
     for k in ("test_loss", "test_accuracy", "validation_loss"):
         assert resumed.metrics[k] == pytest.approx(ref.metrics[k], rel=1e-5, abs=1e-6), k
+    plans = lambda d: sorted(p.name for p in (d / "plans").glob("*.yaml"))  # noqa: E731
+    assert plans(tmp_path / "cut") == plans(tmp_path / "ref") == ["plan-epoch0-step0.yaml", "plan-epoch1-step7.yaml"]
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "ref" / "final" / "model.safetensors"), load_file(tmp_path / "cut" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
 
 
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(assets, tmp_path):  # type: ignore[no-untyped-def]
@@ -185,8 +194,14 @@ def test_time_aware_switch_moves_settled_light_matrices_to_lora(assets, tmp_path
     over = dict(method={"kind": "full"}, plan=SWITCH, train={"epochs": 1, "lr": 1e-3, "weight_decay": 0.1},
                 output={"save_every": "steps", "save_every_steps": 3})
     probe = WeightProbe(lambda n: ".layer." in n and n.endswith("weight"))
-    ref = run(_cfg(assets, tmp_path / "ref", **over), extra_callbacks=[probe])
+    rates = RateProbe()
+    ref = run(_cfg(assets, tmp_path / "ref", **over), extra_callbacks=[probe, rates])
     run_dir = tmp_path / "ref"
+    # every adapter trains at switch_lr_ratio (default 10) x its layer's full-tuning rate
+    scales = rates.seen[0]["__scales__"]
+    adapters = [n for n in scales if ".lora_" in n]
+    assert adapters and all(scales[n] == pytest.approx(10.0) for n in adapters)
+    assert all(s == pytest.approx(1.0) for n, s in scales.items() if ".lora_" not in n)
     plan = yaml.safe_load((run_dir / "plans" / "plan-epoch0-step0.yaml").read_text())
     light = {t + ".weight" for t in plan["lora"]["target_modules"]}
     switches = json.loads((run_dir / "switches.json").read_text())
@@ -236,3 +251,55 @@ def test_time_aware_switch_moves_settled_light_matrices_to_lora(assets, tmp_path
 
     with pytest.raises(ValueError, match="switch_to_light needs method.kind=full"):
         run(_cfg(assets, tmp_path / "bad", method={"kind": "lora"}, plan={"policy": "stable-rank", "switch_to_light": True}))
+
+
+def test_epoch_index_and_group_scaling_are_exact():
+    from spectune.train.callbacks import epoch_index, scale_groups, weighted_scale
+
+    assert [epoch_index(e) for e in (None, 0.0, 0.999, 1.0, 1.5, 1.9999999, 2.0)] == [0, 0, 0, 1, 1, 2, 2]
+    a, b = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(2))
+    groups = [{"params": [a], "name": "w", "lr": 1e-4, "lr_scale": 0.5}, {"params": [b], "name": "lora_B", "lr": 2e-4, "lr_scale": 1.0}]
+    assert weighted_scale(groups) == pytest.approx((12 * 0.5 + 2 * 1.0) / 14)
+    scale_groups(groups, ["lora_B"], 10.0)
+    assert groups[1]["lr"] == pytest.approx(2e-3) and groups[1]["lr_scale"] == 10.0 and groups[0]["lr"] == 1e-4
+
+
+def test_resume_refuses_a_changed_config_unless_allowed_and_records_it(assets, tmp_path):  # type: ignore[no-untyped-def]
+    from spectune.train.trainer import ConfigChanged
+
+    over = dict(output={"save_every": "steps", "save_every_steps": 3}, train={"epochs": 1})
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(assets, tmp_path / "run", **over), extra_callbacks=[Crash(at=4)])
+    changed = dict(over, train={"epochs": 1, "lr": 5e-4})
+    with pytest.raises(ConfigChanged, match="train.lr: was 0.001, now 0.0005"):
+        run(_cfg(assets, tmp_path / "run", **changed), resume=True)
+    run(_cfg(assets, tmp_path / "run", **changed), resume=True, allow_config_change=True)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config_changes"] == ["resumed from checkpoint-3 with a changed config: train.lr: was 0.001, now 0.0005"]
+    assert yaml.safe_load((tmp_path / "run" / "config-before-resume-checkpoint-3.yaml").read_text())["train"]["lr"] == 1e-3
+
+
+def test_resume_skips_a_broken_checkpoint_and_names_the_file_when_none_is_usable(assets, tmp_path):  # type: ignore[no-untyped-def]
+    from spectune.train.checkpoints import MARKER, CheckpointError
+
+    over = dict(plan={"policy": "phased"}, output={"save_every": "steps", "save_every_steps": 3, "save_total_limit": 3},
+                train={"epochs": 2})
+    ref = run(_cfg(assets, tmp_path / "ref", **over))
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(assets, tmp_path / "cut", **over), extra_callbacks=[Crash(at=13)])
+    ckpts = tmp_path / "cut" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-12", "checkpoint-6", "checkpoint-9"]
+    weights = ckpts / "checkpoint-12" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: the newest checkpoint is skipped with a warning
+    (ckpts / "checkpoint-9" / "spectune_state.json").unlink()  # the plan state is gone: skipped too
+    with pytest.warns(UserWarning, match="checkpoint-12: .*model.safetensors is 1000 bytes"):
+        resumed = run(_cfg(assets, tmp_path / "cut", **over), resume=True)
+    for k in ("test_loss", "test_accuracy"):
+        assert resumed.metrics[k] == pytest.approx(ref.metrics[k], rel=1e-5, abs=1e-6), k  # from checkpoint-6: same run
+
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(assets, broken, **over), extra_callbacks=[Crash(at=4)])
+    (broken / "checkpoints" / "checkpoint-3" / MARKER).unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoint-3: spectune_complete.json is missing"):
+        run(_cfg(assets, broken, **over), resume=True)

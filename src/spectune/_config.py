@@ -59,3 +59,18 @@ def load_model(cls: type[M], source: str | Path | dict[str, Any], overrides: lis
     except ValidationError as err:
         lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
         raise ConfigError(f"{where} is not a valid {what}:\n  " + "\n  ".join(lines)) from None
+
+
+def first_difference(old: str, new: str) -> str:
+    """The first dotted key (sorted) whose value differs between two YAML configs, as ``key: was X, now Y``."""
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, val in node.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): node}
+
+    a, b = flat(yaml.safe_load(old)), flat(yaml.safe_load(new))
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            return f"{key}: was {a.get(key)!r}, now {b.get(key)!r}"
+    return "formatting only"

@@ -43,12 +43,15 @@ figcaption{font-size:11px;color:#555;font-family:monospace;max-width:540px;overf
 """.strip()
 
 
-def figure(size: tuple[float, float], right: float = 0.97) -> tuple[Figure, Any]:
-    """A pyplot-free figure with one axes and fixed margins (no layout engine: it would draw twice)."""
+def figure(size: tuple[float, float], right: float = 0.97, ncols: int = 1) -> tuple[Figure, Any]:
+    """A pyplot-free figure with one axes (or ``ncols`` side by side) and fixed margins (no layout engine)."""
     fig = Figure(figsize=size, dpi=DPI)
     FigureCanvasAgg(fig)
-    fig.subplots_adjust(left=0.12, right=right, bottom=0.13, top=0.92)
-    return fig, fig.add_subplot()
+    if ncols == 1:
+        fig.subplots_adjust(left=0.12, right=right, bottom=0.13, top=0.92)
+        return fig, fig.add_subplot()
+    fig.subplots_adjust(left=0.12 / ncols ** 0.5, right=right, bottom=0.15, top=0.9, wspace=0.3)
+    return fig, fig.subplots(1, ncols)
 
 
 def save_png(fig: Figure, path: str | Path) -> Path:

@@ -182,17 +182,22 @@ def plan(
 def train(
     config: Annotated[Path, typer.Argument(help="training config YAML (see examples/)")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from the run folder's last checkpoint")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the run folder's last usable checkpoint")] = False,
+    allow_config_change: Annotated[bool, typer.Option(
+        "--allow-config-change", help="with --resume: continue under a config that differs from the stored one "
+        "(the change is recorded in summary.json)")] = False,
 ) -> None:
     """Fine-tune a model as configured, with a spectral plan applied and re-planned between epochs."""
     from spectune.plan import PlanError
     from spectune.train import TrainConfigError, load_config
+    from spectune.train.checkpoints import CheckpointError
     from spectune.train.trainer import TrainingDiverged, run
 
     try:
         cfg = load_config(config, overrides or [])
-        result = run(cfg, resume=resume)
-    except (TrainConfigError, PlanError, FileNotFoundError, FileExistsError, ValueError, TrainingDiverged) as err:
+        result = run(cfg, resume=resume, allow_config_change=allow_config_change)
+    except (TrainConfigError, PlanError, FileNotFoundError, FileExistsError, ValueError, TrainingDiverged,
+            CheckpointError) as err:
         _c.err.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from None
     import os
@@ -225,13 +230,32 @@ def _print_comparison(result) -> None:  # type: ignore[no-untyped-def]
     _c.out.print(f"report: {result.report}")
 
 
-def _run_comparison(cfg, command: str) -> None:  # type: ignore[no-untyped-def]
+def _run_comparison(cfg, command: str, search_only: bool = False, worker: bool = False,  # type: ignore[no-untyped-def]
+                    workers: int = 1) -> None:
     from spectune.compare.grid import StaleCell
-    from spectune.compare.run import compare as run_compare
+    from spectune.compare.run import compare as run_compare, search_only as run_search_only, work
+    from spectune.compare.search import SearchError
+
+    def line(text: str) -> None:
+        _c.out.print(text, highlight=False)
 
     try:
-        result = run_compare(cfg, progress=True, command=command)
-    except StaleCell as err:
+        if worker:
+            work(cfg)
+            return
+        if search_only:
+            found = run_search_only(cfg, on_line=line)
+            _c.out.print(f"search worker done: {len(found.trials)} trials recorded under {cfg.output_dir}/search/")
+            return
+        def cell_line(cell, row) -> None:  # type: ignore[no-untyped-def]
+            # without a terminal (a log file, CI) the bar is off: one line per finished cell instead
+            score = next((f"{k} {row[k]:.4f}" for k in ("test_accuracy", "test_perplexity") if row.get(k) is not None), "")
+            line(f"cell {cell.label}: {row.get('status')} {score} ({row.get('wall_time_s') or 0:.0f} s)")
+
+        terminal = _c.out.is_terminal
+        result = run_compare(cfg, progress=terminal, command=command, on_line=line, on_cell=None if terminal else cell_line,
+                             workers=workers)
+    except (StaleCell, SearchError) as err:
         _c.err.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from None
     _print_comparison(result)
@@ -241,8 +265,16 @@ def _run_comparison(cfg, command: str) -> None:  # type: ignore[no-untyped-def]
 def compare(
     config: Annotated[Path, typer.Argument(help="comparison YAML: base, tasks, methods, seeds (see examples/)")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides")] = None,
+    search_only: Annotated[bool, typer.Option(
+        "--search-only", help="be one more search worker on the shared storage (search.storage) and exit when the "
+        "budget is spent; the process without this flag runs the final cells")] = False,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="processes in all, one torch thread each; they "
+                                         "share the search trials and the cells through the output folder")] = 1,
+    worker: Annotated[bool, typer.Option("--worker", hidden=True, help="a helper started by --workers")] = False,
 ) -> None:
-    """Run a grid of methods x tasks x seeds (resuming finished cells) and report paired statistics."""
+    """Run a grid of methods x tasks x seeds (resuming finished cells) and report paired statistics.
+
+    With a ``search:`` section every method is first tuned on validation with the same budget."""
     from spectune.compare import load_compare_config
     from spectune.train import TrainConfigError
 
@@ -251,7 +283,7 @@ def compare(
     except TrainConfigError as err:
         _c.err.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from None
-    _run_comparison(cfg, " ".join(["spectune compare", str(config), *(overrides or [])]))
+    _run_comparison(cfg, " ".join(["spectune compare", str(config), *(overrides or [])]), search_only, worker, workers)
 
 
 @app.command()

@@ -30,7 +30,62 @@ CELL_DEFAULTS: dict[str, Any] = {
     "eval": {"every": "no"},
     "output": {"save_every": "no", "save_final": False},
 }
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a name that becomes a folder: no separators, no leading dot
+
+
+class ParamSpace(BaseModel):
+    """One searched value: a range (absolute, or as ratios of the cell's own configured value) or a list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    low: float | None = None
+    high: float | None = None
+    ratio: tuple[float, float] | None = Field(
+        None, description="[low, high] as multiples of the value the cell's config already has (its lr, say)")
+    log: bool = Field(False, description="sample on a log scale")
+    choices: list[float | int | str | bool] | None = None
+    points: int | None = Field(None, ge=2, description="grid sampler: this many values from low to high (log-spaced when log)")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "ParamSpace":
+        forms = [self.low is not None or self.high is not None, self.ratio is not None, self.choices is not None]
+        if sum(forms) != 1:
+            raise ValueError("give exactly one of low/high, ratio or choices")
+        if forms[0] and (self.low is None or self.high is None or not self.low < self.high):
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.ratio is not None and not 0 < self.ratio[0] < self.ratio[1]:
+            raise ValueError(f"ratio {list(self.ratio)}: need 0 < low < high")
+        if self.log and forms[0] and self.low is not None and self.low <= 0:
+            raise ValueError("a log scale needs low > 0")
+        if self.choices is not None and not self.choices:
+            raise ValueError("choices is empty")
+        return self
+
+
+class SearchConfig(BaseModel):
+    """Equal-budget hyper-parameter search on validation, before the final seeds read the test split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    trials: int = Field(6, ge=1, description="trials per task x method; the same for every searched method")
+    seeds: list[int] = Field(default_factory=lambda: [100, 101], min_length=1,
+                             description="seeds each trial trains on (kept apart from the final seeds); its score is their mean")
+    sampler: Literal["tpe", "grid"] = "tpe"
+    pruner: Literal["median", "none"] = Field("median", description="stop a trial whose running validation score is below the median")
+    prune_on: Literal["seed", "epoch"] = Field(
+        "seed", description="seed: compare after each search seed's run (no extra evaluation); epoch: after every epoch")
+    methods: list[str] | None = Field(None, description="methods searched (None: all); the others run as configured")
+    space: dict[str, ParamSpace] = Field(
+        default_factory=lambda: {"train.lr": ParamSpace(ratio=(0.25, 4.0), log=True)},
+        description="dotted cell-config path -> its space, for every searched method")
+    spaces: dict[str, dict[str, ParamSpace]] = Field(
+        default_factory=dict, description="method -> extra or replacing entries of its space (policy parameters)")
+    objective: Literal["auto", "accuracy", "macro_f1", "loss", "perplexity"] = Field(
+        "auto", description="validation metric maximised (accuracy, macro_f1) or minimised; auto: the comparison's metric")
+    storage: str | None = Field(
+        None, description="Optuna storage shared by workers: an RDB URL (sqlite:///..., postgresql://...) or a journal "
+        "file path; default: <output_dir>/search/optuna.journal")
+    stale_after_s: float = Field(900, gt=0, description="a running trial whose worker has been silent this long is retried")
 
 
 class CompareConfig(BaseModel):
@@ -51,6 +106,10 @@ class CompareConfig(BaseModel):
     )
     tie_tolerance: float = Field(0.0, ge=0, description="a paired difference within this counts as a tie")
     output_dir: str = "runs/compare"
+    search: SearchConfig | None = Field(None, description="tune each method on validation before the final seeds")
+    curve: str | None = Field(
+        None, description="a dotted cell-config path whose value differs between tasks (data.max_examples): the "
+        "report plots each method's paired difference against it, one line per task family (data.name or data.path)")
 
     @model_validator(mode="after")
     def _check(self) -> "CompareConfig":  # noqa: C901 - one list of independent checks
@@ -58,7 +117,7 @@ class CompareConfig(BaseModel):
             if not names:
                 raise ValueError(f"at least one {what} is needed")
             for n in names:
-                if not _NAME.match(n):
+                if not NAME_RULE.match(n):
                     raise ValueError(f"{what} name {n!r}: use letters, digits, '.', '_' or '-' (it names a folder)")
         if self.baseline is None:
             self.baseline = next(iter(self.methods))
@@ -72,7 +131,24 @@ class CompareConfig(BaseModel):
                 raise ValueError(f"pairs: {method!r} is paired with itself")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds repeat: {self.seeds}")
+        if self.search is not None:
+            self._check_search(self.search)
         return self
+
+    def _check_search(self, search: SearchConfig) -> None:
+        shared = sorted(set(search.seeds) & set(self.seeds))
+        if shared:
+            raise ValueError(f"search.seeds and seeds share {shared}: the search must not see the final seeds' rows")
+        if len(set(search.seeds)) != len(search.seeds):
+            raise ValueError(f"search.seeds repeat: {search.seeds}")
+        for name in list(search.methods or []) + list(search.spaces):
+            if name not in self.methods:
+                raise ValueError(f"search: {name!r} is not one of the methods: {', '.join(self.methods)}")
+        searched = set(search.methods or self.methods)
+        for m in searched:
+            ref = baseline_of(self, m)
+            if ref is not None and ref not in searched:
+                raise ValueError(f"search: {m!r} is searched but its baseline {ref!r} is not (unequal tuning budgets)")
 
 
 def baseline_of(cfg: CompareConfig, method: str) -> str | None:
@@ -92,6 +168,13 @@ def load_compare_config(source: str | Path | dict[str, Any], overrides: list[str
                 cell_config(cfg, task, method, cfg.seeds[0])
             except ConfigError as err:
                 raise ConfigError(f"{where}: cell task={task} method={method}: {err}") from None
+    if cfg.search is not None:
+        from spectune.compare.search import check_search
+
+        try:
+            check_search(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
     return cfg
 
 
@@ -118,10 +201,28 @@ def cell_dir(cfg: CompareConfig, task: str, method: str, seed: int) -> Path:
     return Path(cfg.output_dir) / "cells" / task / method / f"seed-{seed}"
 
 
-def cell_config(cfg: CompareConfig, task: str, method: str, seed: int) -> TrainConfig:
-    """The full training config of one cell."""
+def nested(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": 1e-4}`` -> ``{"train": {"lr": 1e-4}}`` (a fragment to merge)."""
+    out: dict[str, Any] = {}
+    for path, v in values.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = v
+    return out
+
+
+def cell_data(cfg: CompareConfig, task: str, method: str, seed: int, values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The merged (unvalidated) config of a cell, with searched ``values`` (dotted paths) laid on top."""
+    data = merge(merge(merge(CELL_DEFAULTS, cfg.base), cfg.tasks[task]), cfg.methods[method])
+    data = merge(data, nested(values or {}))
+    data = merge(data, {"train": {"seed": seed}, "data": {"seed": seed}, "output": {"dir": str(cell_dir(cfg, task, method, seed))}})
+    return _substitute(data, seed)
+
+
+def cell_config(cfg: CompareConfig, task: str, method: str, seed: int, values: dict[str, Any] | None = None) -> TrainConfig:
+    """The full training config of one cell (at the search's chosen ``values``, when given)."""
     from spectune.train import load_config
 
-    data = merge(merge(merge(CELL_DEFAULTS, cfg.base), cfg.tasks[task]), cfg.methods[method])
-    data = merge(data, {"train": {"seed": seed}, "data": {"seed": seed}, "output": {"dir": str(cell_dir(cfg, task, method, seed))}})
-    return load_config(_substitute(data, seed))
+    return load_config(cell_data(cfg, task, method, seed, values))

@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from spectune import _io, _memory
+from spectune import _claim, _io, _memory
+from spectune._config import first_difference
 from spectune.compare.config import CompareConfig, cell_config, cell_dir
 
 RESULTS = "results"  # results.parquet and results.csv in the output folder
@@ -33,21 +34,6 @@ COST_COLUMNS = ["mean_lr_scale", "trainable_parameters", "trainable_parameters_e
 
 class StaleCell(RuntimeError):
     """A cell folder holds a run of another config: reusing it would mix two experiments."""
-
-
-def _first_difference(old: str, new: str) -> str:
-    import yaml
-
-    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(node, dict):
-            return {k: v for key, val in node.items() for k, v in flat(val, f"{prefix}{key}.").items()}
-        return {prefix.rstrip("."): node}
-
-    a, b = flat(yaml.safe_load(old)), flat(yaml.safe_load(new))
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            return f"{key}: was {a.get(key)!r}, now {b.get(key)!r}"
-    return "formatting only"
 
 
 @dataclass(frozen=True)
@@ -96,24 +82,31 @@ def mean_lr_scale(folder: Path) -> float:
     return sum(means) / len(means) if means else 1.0
 
 
-def run_cell(cfg: CompareConfig, cell: Cell) -> dict[str, Any]:
-    """Train one cell (or read it back when finished) and return its row of the results table."""
-    from spectune.train.trainer import last_checkpoint, run
+def run_cell(cfg: CompareConfig, cell: Cell, values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one cell (or read it back when finished) and return its row of the results table.
+
+    ``values`` are the search's chosen values for the cell's task and method (dotted paths).
+    """
+    from spectune.train.checkpoints import CheckpointError
+    from spectune.train.trainer import last_checkpoint, required_state, run
 
     folder = cell_dir(cfg, cell.task, cell.method, cell.seed)
     summary_path = folder / "summary.json"
-    train_cfg = cell_config(cfg, cell.task, cell.method, cell.seed)
+    train_cfg = cell_config(cfg, cell.task, cell.method, cell.seed, values)
     stored = folder / "config.yaml"
     if stored.exists() and stored.read_text() != train_cfg.to_yaml():
         # an edited comparison must not silently reuse (or resume) cells trained under the old one
         raise StaleCell(
             f"{folder} was trained with a different config than the comparison now gives this cell "
-            f"({_first_difference(stored.read_text(), train_cfg.to_yaml())}); "
+            f"({first_difference(stored.read_text(), train_cfg.to_yaml())}); "
             "delete that folder to retrain it, or choose another output_dir"
         )
     if summary_path.exists():
-        return {**row_from_summary(cell, json.loads(summary_path.read_text())), "mean_lr_scale": mean_lr_scale(folder)}
-    resume = last_checkpoint(folder) is not None
+        return _row(cell, json.loads(summary_path.read_text()), folder)
+    try:
+        resume = last_checkpoint(folder, required_state(train_cfg)) is not None
+    except CheckpointError:
+        resume = False  # no usable checkpoint: the cell starts over (its folder holds nothing else worth keeping)
     if folder.exists() and not resume:
         shutil.rmtree(folder)  # a cell cut short before its first checkpoint: nothing in it to keep
     _memory.reset_peak()
@@ -130,7 +123,14 @@ def run_cell(cfg: CompareConfig, cell: Cell) -> dict[str, Any]:
     summary["peak_memory_mb"] = _memory.peak_rss_mb()
     _io.write_json(summary_path, summary)
     (folder / FAILED_FILE).unlink(missing_ok=True)
-    return {**row_from_summary(cell, summary), "mean_lr_scale": mean_lr_scale(folder)}
+    return _row(cell, summary, folder)
+
+
+def _row(cell: Cell, summary: dict[str, Any], folder: Path) -> dict[str, Any]:
+    row = row_from_summary(cell, summary)
+    if row.get("mean_lr_scale") is None:  # runs from before the summary carried the parameter-weighted mean
+        row["mean_lr_scale"] = mean_lr_scale(folder)
+    return row
 
 
 def tidy(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -150,32 +150,73 @@ def save_results(df: pd.DataFrame, out_dir: str | Path) -> None:
 
 
 def run_grid(cfg: CompareConfig, progress: bool = True,
-             on_cell: Callable[[Cell, dict[str, Any]], None] | None = None) -> pd.DataFrame:
-    """Every cell in order; the results table is rewritten after each, so it is never lost."""
+             on_cell: Callable[[Cell, dict[str, Any]], None] | None = None,
+             chosen: Callable[[str, str], dict[str, Any] | None] | None = None, wait: bool = True) -> pd.DataFrame:
+    """Every cell in order; the results table is rewritten after each, so it is never lost.
+
+    ``chosen(task, method)`` gives the searched values a method's final cells train with;
+    without ``wait`` (a helper process) cells other processes hold are left to them.
+    Several processes may run the same comparison into one folder: each claims the
+    cells no other holds (``seed-N.claim`` beside the cell folder), then waits for and
+    reads the cells the others trained, so every process ends with the whole table.
+    """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _io.write_text(out / "compare.yaml", _io_yaml(cfg))
+    _io.write_text(out / "compare.yaml", config_yaml(cfg))
     todo = cells(cfg)
-    rows: list[dict[str, Any]] = []
+    rows: dict[Cell, dict[str, Any]] = {}
     bar = _Progress(len(todo)) if progress else None
+
+    def finish(cell: Cell, row: dict[str, Any]) -> None:
+        rows[cell] = row
+        save_results(tidy([rows[c] for c in todo if c in rows]), out)
+        if on_cell is not None:
+            on_cell(cell, row)
+        if bar is not None:
+            bar.done(row)
+
     try:
-        for cell in todo:
-            if bar is not None:
-                bar.start(cell)
-            row = run_cell(cfg, cell)
-            rows.append(row)
-            save_results(tidy(rows), out)
-            if on_cell is not None:
-                on_cell(cell, row)
-            if bar is not None:
-                bar.done(row)
+        pending = list(todo)
+        while pending:
+            others = []
+            for cell in pending:
+                values = chosen(cell.task, cell.method) if chosen else None
+                claim = claim_path(cfg, cell)
+                if not _finished(cfg, cell) and not _claim.try_claim(claim):
+                    others.append(cell)  # another process trains it; read it when it is done
+                    continue
+                if bar is not None:
+                    bar.start(cell)
+                try:
+                    finish(cell, run_cell(cfg, cell, values))
+                finally:
+                    _claim.release(claim)
+            ready = [c for c in others if not _claim.held(claim_path(cfg, c))]
+            for cell in ready:
+                if _finished(cfg, cell) or not (cell_dir(cfg, cell.task, cell.method, cell.seed) / FAILED_FILE).exists():
+                    continue  # trained (read next pass) or never started (claimed next pass)
+                failed = json.loads((cell_dir(cfg, cell.task, cell.method, cell.seed) / FAILED_FILE).read_text())
+                finish(cell, {"task": cell.task, "method": cell.method, "seed": cell.seed, "status": "failed",
+                              "error": failed.get("error", "")})
+            pending = [c for c in others if c not in rows] if wait else []
+            if pending and len(pending) == len(others) and not ready:
+                time.sleep(5)
     finally:
         if bar is not None:
             bar.stop()
-    return tidy(rows)
+    return tidy([rows[c] for c in todo if c in rows])
 
 
-def _io_yaml(cfg: CompareConfig) -> str:
+def claim_path(cfg: CompareConfig, cell: Cell) -> Path:
+    folder = cell_dir(cfg, cell.task, cell.method, cell.seed)
+    return folder.parent / f"{folder.name}.claim"
+
+
+def _finished(cfg: CompareConfig, cell: Cell) -> bool:
+    return (cell_dir(cfg, cell.task, cell.method, cell.seed) / "summary.json").exists()
+
+
+def config_yaml(cfg: CompareConfig) -> str:
     import yaml
 
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

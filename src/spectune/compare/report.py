@@ -135,10 +135,114 @@ def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> None:
         _io.write_text(out_dir / f"{name}.csv", t.to_csv(index=False))
 
 
-def write_report(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, command: str | None = None) -> Path:
-    """Tables (CSV), plots (PNG) and ``report.html`` in ``out_dir``; returns the report's path."""
+def plot_search(trials: pd.DataFrame, task: str, path: Path) -> Path | None:
+    """Validation score of every trial against its learning rate, one colour per method, chosen ones ringed."""
+    t = trials[(trials["task"] == task) & trials["state"].isin(["COMPLETE", "PRUNED"])]
+    if t.empty or "param:train.lr" not in t:
+        return None
+    fig, ax = figure((6.4, 3.8), right=0.72)
+    for i, (method, g) in enumerate(t.groupby("method", sort=False)):
+        color = f"C{i % 10}"
+        done = g[g["state"] == "COMPLETE"]
+        ax.scatter(done["param:train.lr"], done["value"], color=color, s=22, label=method)
+        cut = g[g["state"] == "PRUNED"]
+        if not cut.empty:
+            ax.scatter(cut["param:train.lr"], cut["value"], facecolors="none", edgecolors=color, s=22)
+        if "chosen" in g and g["chosen"].any():
+            best = g[g["chosen"]]
+            ax.scatter(best["param:train.lr"], best["value"], s=110, facecolors="none", edgecolors="k", lw=1.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("base learning rate (train.lr)")
+    ax.set_ylabel("validation score (mean over search seeds)")
+    ax.set_title(f"{task}: search trials (hollow: pruned, ringed: chosen)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    return save_png(fig, path)
+
+
+def curve_table(pairs: pd.DataFrame, cfg: CompareConfig) -> pd.DataFrame:
+    """The paired differences with the curve's x (``cfg.curve``'s value) and each task's family."""
+    from spectune.compare.config import cell_data
+    from spectune.compare.search import current_value
+
+    if cfg.curve is None or pairs.empty:
+        return pd.DataFrame()
+    x, family = {}, {}
+    for task in cfg.tasks:
+        data = cell_data(cfg, task, str(cfg.baseline), cfg.seeds[0])
+        x[task] = current_value(data, cfg.curve)
+        family[task] = data["data"].get("name") or Path(str(data["data"].get("path"))).stem
+    out = pairs.copy()
+    out.insert(1, "x", out["task"].map(x))
+    out.insert(1, "family", out["task"].map(family))
+    return out.sort_values(["method", "family", "x"]).reset_index(drop=True)
+
+
+def plot_curve(curve: pd.DataFrame, what: str, path: Path) -> Path:
+    """Paired difference (method - its baseline) against the curve's x, one panel per method, a line per family."""
+    methods = list(dict.fromkeys(curve["method"]))
+    fig, axes = figure((4.2 * len(methods), 3.4), ncols=len(methods), right=0.98)
+    axes = np.atleast_1d(axes)
+    for ax, method in zip(axes, methods):
+        m = curve[curve["method"] == method]
+        for i, (fam, g) in enumerate(m.groupby("family", sort=True)):
+            c = f"C{i % 10}"
+            ok = g["ci_low"].notna()
+            ax.errorbar(g["x"][ok], g["diff"][ok], yerr=[g["diff"][ok] - g["ci_low"][ok], g["ci_high"][ok] - g["diff"][ok]],
+                        color=c, marker="o", capsize=3, label=fam)
+            ax.plot(g["x"], g["diff"], color=c, alpha=0.4)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(set(m["x"])), [str(v) for v in sorted(set(m["x"]))])
+        ax.set_xlabel(what)
+        ax.set_title(f"{method} vs {m['baseline'].iloc[0]}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, frameon=False)
+    axes[0].set_ylabel("paired difference (95% interval)")
+    return save_png(fig, path)
+
+
+def search_tables(search: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(chosen values per task x method, every trial with a ``chosen`` flag) from a SearchResult."""
+    rows = []
+    for task, methods in search.chosen.items():
+        for method, c in methods.items():
+            rows.append({"task": task, "method": method, **{k: v for k, v in c["values"].items()},
+                         c["metric"]: c["value"], "trial": c["trial"]})
+    chosen = pd.DataFrame(rows)
+    trials = search.trials.copy()
+    if not trials.empty:
+        picked = {(r["task"], r["method"], r["trial"]) for r in rows}
+        trials["chosen"] = [(a, b, int(c)) in picked for a, b, c in zip(trials["task"], trials["method"], trials["number"])]
+    return chosen, trials
+
+
+def _search_html(cfg: CompareConfig, search: Any, plots: Path) -> list[str]:
+    esc = html.escape
+    chosen, trials = search_tables(search)
+    s = cfg.search
+    body = ["<h2>Search</h2>",
+            f"<p>Every searched method of a task had the same budget: {s.trials} trials, each trained on search seeds "
+            f"{esc(str(s.seeds))} (never the final seeds) and scored on the validation split; sampler {s.sampler}, "
+            f"pruner {s.pruner}. The test split was read only by the final cells, at the chosen values.</p>",
+            "<h3>Chosen values</h3>", table(chosen)]
+    for task in cfg.tasks:
+        path = plot_search(trials, task, plots / f"{task}_search.png") if not trials.empty else None
+        if path is not None:
+            body.append(gallery([(f"{task}: search", path)], "plot"))
+    if not trials.empty:
+        body += ["<h3>Every trial</h3>", table(trials)]
+    return body
+
+
+def write_report(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, command: str | None = None,
+                 tables: dict[str, pd.DataFrame] | None = None, search: Any = None) -> Path:
+    """Tables (CSV), plots (PNG) and ``report.html`` in ``out_dir``; returns the report's path.
+
+    ``search`` (a SearchResult) adds the chosen values, the score-against-rate plots and the trial table.
+    """
     out = Path(out_dir)
-    tables = analyse(df, cfg)
+    tables = tables if tables is not None else analyse(df, cfg)
     write_tables(tables, out)
     summary, pairs = tables["summary"], tables["paired"]
     plots = out / "plots"
@@ -177,6 +281,13 @@ def write_report(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, comm
         if summary[summary["task"] == task]["gap"].notna().any():
             figs.append(("gap", plot_gap(summary, task, plots / f"{task}_gap.png")))
         body += [f"<h2>Task {esc(task)}</h2>", gallery([(f"{task}: {k}", p) for k, p in figs], "plot")]
+    if search is not None and cfg.search is not None:
+        body += _search_html(cfg, search, plots)
+    curve = curve_table(pairs, cfg)
+    if not curve.empty:
+        _io.write_text(out / "curve.csv", curve.to_csv(index=False))
+        body += [f"<h2>Paired difference against {esc(str(cfg.curve))}</h2>",
+                 gallery([("curve", plot_curve(curve, str(cfg.curve), plots / "curve.png"))], "plot"), table(curve)]
     failed = df[df["status"] != "ok"] if "status" in df else df.iloc[0:0]
     if not failed.empty:
         body += ["<h2>Failed cells</h2>", table(failed[[c for c in ("task", "method", "seed", "error") if c in failed]])]
@@ -184,14 +295,15 @@ def write_report(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, comm
     return _io.write_text(out / "report.html", page(f"spectune comparison: {cfg.name}", body, subtitle=cfg.output_dir))
 
 
-def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, command: str | None = None) -> Path:
+def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, command: str | None = None,
+                   tables: dict[str, pd.DataFrame] | None = None, search: Any = None) -> Path:
     """``results.md``: the findings and the per-task table in Markdown, figures linked from ``plots/``.
 
     Written beside report.html so a comparison can be committed to a repository's
     docs as it is (docs/results.md is one).
     """
     out = Path(out_dir)
-    tables = analyse(df, cfg)
+    tables = tables if tables is not None else analyse(df, cfg)
     rows = pd.DataFrame(console_rows(tables["summary"], tables["paired"]))
     lines = [f"# {cfg.name}", ""]
     if command:
@@ -217,6 +329,19 @@ def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, co
     wtl = tables["win_tie_loss"]
     if not wtl.empty:
         lines += ["## Wins, ties and losses against the baseline, all tasks", "", wtl.to_markdown(index=False), ""]
+    if (out / "plots" / "curve.png").exists() and cfg.curve:
+        lines += [f"## Paired difference against `{cfg.curve}`", "", "![curve](plots/curve.png)", ""]
+    if search is not None and cfg.search is not None:
+        chosen, _ = search_tables(search)
+        s = cfg.search
+        lines += ["## Search", "",
+                  f"{s.trials} trials per task x searched method on search seeds {s.seeds} (validation only), "
+                  f"sampler {s.sampler}, pruner {s.pruner}; the values each method's final cells used:", "",
+                  chosen.to_markdown(index=False, floatfmt=".4g") if not chosen.empty else "(no trial finished)", ""]
+        for task in cfg.tasks:
+            if (out / "plots" / f"{task}_search.png").exists():
+                lines.append(f"![{task} search](plots/{task}_search.png)")
+        lines.append("")
     return _io.write_text(out / "results.md", "\n".join(lines))
 
 

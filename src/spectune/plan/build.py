@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from spectune.analyze.result import AnalysisResult
 from spectune.plan.policies import POLICIES, PolicyConfig
+from spectune.plan.policies._common import Decisions, RateConfig, normalize_mean
 from spectune.plan.schema import Plan, PlanError
 
 
@@ -37,6 +38,8 @@ def plan(analysis: AnalysisResult, policy: str = "uniform", params: dict[str, An
     metrics: pd.DataFrame = analysis.metrics
     try:
         d = make(metrics, cfg)
+        if isinstance(cfg, RateConfig) and cfg.normalize == "mean":
+            _normalize(d, metrics, cfg.max_scale)
     except ValueError as err:
         raise PlanError(f"policy '{policy}': {err}") from err
     return Plan(
@@ -54,6 +57,16 @@ def plan(analysis: AnalysisResult, policy: str = "uniform", params: dict[str, An
         notes=d.notes,
         excluded=sorted(set(d.excluded)),
     )
+
+
+def _normalize(d: Decisions, metrics: pd.DataFrame, cap: float) -> None:
+    """``normalize: mean``: the plan's parameter-weighted mean scale becomes 1 (see normalize_mean)."""
+    sizes = dict(zip(metrics["name"], pd.to_numeric(metrics["numel"], errors="coerce").fillna(0)))
+    before = sum(sizes.get(n, 0) * v for n, v in d.lr_scale.items()) / max(sum(sizes.get(n, 0) for n in d.lr_scale), 1)
+    d.lr_scale = {k: round(v, 6) for k, v in normalize_mean(d.lr_scale, sizes, cap).items()}  # as the plan stores them
+    d.min_scale = min(d.min_scale, min(d.lr_scale.values()))
+    d.max_scale = max(d.max_scale, cap)
+    d.notes.append(f"normalize: mean: scales multiplied so their parameter-weighted mean is 1 (was {before:.3f}), cap {cap:g}")
 
 
 def plan_table(p: Plan, analysis: AnalysisResult | None = None) -> pd.DataFrame:

@@ -62,7 +62,12 @@ class ControlledSection(_Section):
     @field_validator("arms")
     @classmethod
     def _types(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        from spectune.compare.config import NAME_RULE
+
         for arm, types in v.items():
+            if not NAME_RULE.match(arm) or arm == "control":  # it names a model folder: nothing may escape the study
+                raise ValueError(f"arm name {arm!r}: use letters, digits, '.', '_' or '-', not starting with '.', "
+                                 "and not 'control' (the shared dose-1 arm)")
             bad = [t for t in types if t not in MODULE_TYPES]
             if bad or not types:
                 raise ValueError(f"arm {arm!r}: unknown module types {bad}; known: {', '.join(MODULE_TYPES)}")

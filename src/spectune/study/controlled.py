@@ -12,6 +12,7 @@ pointing at the folder) over the seeds, so doses see the same data, schedule and
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ def transform_model(source: str, dest: Path, types: list[str], layers: list[int]
     and after, so the dose actually given is on record. Cached: ``dest`` is reused when its
     recorded settings equal these.
     """
-    settings = {"source": source, "types": sorted(types), "layers": layers, "factor": factor, "top_k": k}
+    settings = transform_settings(source, types, layers, factor, k)
     log_path = dest / "spectune_transform_log.parquet"
     if (dest / SETTINGS).exists() and log_path.exists() and json.loads((dest / SETTINGS).read_text()) == settings:
         return pd.read_parquet(log_path)
@@ -90,22 +91,43 @@ def doses(scfg: StudyConfig) -> list[tuple[str, str, float]]:
     return out
 
 
+def digest(settings: dict[str, Any]) -> str:
+    """A short, stable name for a set of transform settings (it goes into folder names)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def build(scfg: StudyConfig, root: Path) -> tuple[CompareConfig, pd.DataFrame]:
-    """The transformed model folders and the comparison grid that fine-tunes each of them."""
+    """The transformed model folders and the comparison grid that fine-tunes each of them.
+
+    Every transform setting is part of the identity of what it produces: a model folder
+    is named after its own settings' digest, and the grid folder after the digest of the
+    study's transform settings, so a re-run with another ``top_k``, ``layers`` or arm
+    trains new cells instead of pairing new doses with old scores (and switching back
+    reuses the old ones).
+    """
     c = scfg.controlled
     method = c.method or next(iter(scfg.grid.methods))
     probe = scfg.compare_config(root / "grid")
     source = cell_config(probe, next(iter(probe.tasks)), method, probe.seeds[0]).model.name
-    models = root / "controlled" / "models"
+    base = (root / "controlled").resolve()
+    models = base / "models"
     logs, methods = [], {}
     for mname, arm, dose in doses(scfg):
         types = [t for a in c.arms.values() for t in a] if arm == CONTROL else c.arms[arm]
-        log = transform_model(source, models / mname, types, c.layers, dose, c.top_k)
+        folder = (models / f"{mname}-{digest(transform_settings(source, types, c.layers, dose, c.top_k))}").resolve()
+        if models not in folder.parents:
+            raise ValueError(f"arm {arm!r}: its model folder {folder} would lie outside {models}")
+        log = transform_model(source, folder, types, c.layers, dose, c.top_k)
         log["method"], log["arm"], log["dose"] = mname, arm, dose
         logs.append(log)
-        methods[mname] = merge(scfg.grid.methods[method], {"model": {"name": str((models / mname).resolve())}})
-    ccfg = scfg.compare_config(root / "controlled" / "grid", methods=methods, seeds=c.seeds)
+        methods[mname] = merge(scfg.grid.methods[method], {"model": {"name": str(folder)}})
+    study = {"source": source, "arms": {a: sorted(t) for a, t in c.arms.items()}, "layers": c.layers, "top_k": c.top_k}
+    ccfg = scfg.compare_config(root / "controlled" / f"grid-{digest(study)}", methods=methods, seeds=c.seeds)
     return ccfg, pd.concat(logs, ignore_index=True)
+
+
+def transform_settings(source: str, types: list[str], layers: list[int] | None, factor: float, k: int) -> dict[str, Any]:
+    return {"source": source, "types": sorted(types), "layers": layers, "factor": factor, "top_k": k}
 
 
 def metric_name(results: pd.DataFrame, ccfg: CompareConfig) -> str:

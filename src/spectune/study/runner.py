@@ -3,7 +3,8 @@
 Folder layout under the study root (``output_dir`` of the config, or ``out_dir``):
 
 - ``grid/``: the natural grid's cells (shared by trajectories, layerwise, landscape);
-- ``controlled/models/`` and ``controlled/grid/``: transformed models and their cells;
+- ``controlled/models/<dose>-<digest>/`` and ``controlled/grid-<digest>/``: transformed models and their cells,
+  named after the transform settings that made them;
 - ``<study>/``: ``report.html``, ``claims.csv``/``claims.md``, ``tables/*.parquet|csv``,
   ``figures/*.png``, ``study.yaml`` (the resolved config).
 

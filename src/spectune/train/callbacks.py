@@ -64,6 +64,41 @@ def agree_across_ranks(plan: Plan) -> tuple[Plan, bool]:
     return (plan, True) if theirs == mine else (Plan.model_validate(theirs), False)
 
 
+def epoch_index(epoch: float | None) -> int:
+    """The epoch a (possibly fractional) ``state.epoch`` lies in: 1.5 is still epoch 1.
+
+    A run resumed from a mid-epoch checkpoint calls ``on_epoch_begin`` with the
+    restored fraction; rounding it up would apply the next epoch's plan early.
+    """
+    return math.floor((epoch or 0.0) + 1e-6)
+
+
+def weighted_scale(groups: Iterable[dict[str, Any]]) -> float:
+    """Parameter-weighted mean rate scale of optimizer groups (1 = the base rate for every weight).
+
+    The effective step size of a plan: a plan whose big matrices sit below 1 trains
+    less than a uniform baseline, whatever its per-layer pattern.
+    """
+    num = den = 0.0
+    for g in groups:
+        n = sum(p.numel() for p in g["params"])
+        num += n * float(g.get("lr_scale", 1.0))
+        den += n
+    return num / den if den else 1.0
+
+
+def scale_groups(groups: list[dict[str, Any]], names: Iterable[str], ratio: float) -> list[dict[str, Any]]:
+    """Multiply the rate of the named groups by ``ratio`` (the time-aware switch's adapters)."""
+    wanted = set(names)
+    if ratio == 1.0 or not wanted:
+        return groups
+    for g in groups:
+        if g.get("name") in wanted:
+            g["lr_scale"] = g.get("lr_scale", 1.0) * ratio
+            g["lr"] = g["lr"] * ratio
+    return groups
+
+
 class ReplanCallback(TrainerCallback):
     """Recompute the plan on the current weights and move each group's rate, keeping the schedule's shape.
 
@@ -73,9 +108,12 @@ class ReplanCallback(TrainerCallback):
     """
 
     def __init__(self, section: PlanSection, plan: Plan, base_lr: float, weight_decay: float, run_dir: Path,
-                 cache: dict[str, Any], planned_epoch: int = 0, always: list[str] | None = None) -> None:
+                 cache: dict[str, Any], planned_epoch: int = 0, always: list[str] | None = None,
+                 adapters: list[str] | None = None, adapter_ratio: float = 1.0) -> None:
         self.section = section
         self.always = list(always or [])  # parameters with groups whatever their requires_grad (time-aware switch)
+        self.adapters = list(adapters or [])  # of those, the switch's adapters, at adapter_ratio x their layer's rate
+        self.adapter_ratio = adapter_ratio
         self.plan = plan
         self.base_lr = base_lr
         self.weight_decay = weight_decay
@@ -93,7 +131,7 @@ class ReplanCallback(TrainerCallback):
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        lr_scheduler: Any = None, **kw: Any) -> None:
-        epoch = int(round(state.epoch or 0))
+        epoch = epoch_index(state.epoch)
         if self.section.replan == "epoch" and epoch > self.planned_epoch:
             self.replan(model, optimizer, lr_scheduler, epoch, state.global_step, save=state.is_world_process_zero)
 
@@ -101,7 +139,7 @@ class ReplanCallback(TrainerCallback):
                     lr_scheduler: Any = None, **kw: Any) -> None:
         n = self.section.replan_every_steps
         if self.section.replan == "steps" and n and state.global_step % n == 0:
-            self.replan(model, optimizer, lr_scheduler, int(state.epoch or 0), state.global_step,
+            self.replan(model, optimizer, lr_scheduler, epoch_index(state.epoch), state.global_step,
                         save=state.is_world_process_zero)
 
     def replan(self, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any, epoch: int, step: int,
@@ -115,7 +153,8 @@ class ReplanCallback(TrainerCallback):
         new = make_plan(result, self.section.policy or "uniform", self._params(epoch), one_d_rule=self.section.one_d_rule)
         new, agreed = agree_across_ranks(new)
         with grads_for(model, self.always):
-            scales = {g["name"]: g["lr_scale"] for g in param_groups(model, new, 1.0, self.weight_decay)}
+            groups = scale_groups(param_groups(model, new, 1.0, self.weight_decay), self.adapters, self.adapter_ratio)
+            scales = {g["name"]: g["lr_scale"] for g in groups}
         sched = getattr(lr_scheduler, "scheduler", lr_scheduler)
         lambdas = getattr(sched, "lr_lambdas", None)
         for i, group in enumerate(optimizer.param_groups):
@@ -133,7 +172,8 @@ class ReplanCallback(TrainerCallback):
         path = self.run_dir / "plans" / f"plan-epoch{epoch}-step{step}.yaml"
         if save:
             new.save(path)
-        self.history.append({"epoch": epoch, "step": step, "plan": str(path), "notes": new.notes, "ranks_agreed": agreed})
+        self.history.append({"epoch": epoch, "step": step, "plan": str(path), "notes": new.notes, "ranks_agreed": agreed,
+                             "mean_lr_scale": weighted_scale(optimizer.param_groups)})
         return new
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:

@@ -55,6 +55,11 @@ class PlanSection(_Section):
     switch_tol: float = Field(0.01, gt=0, description="settled: relative stable-rank change below this per check")
     switch_patience: int = Field(2, ge=1, description="consecutive settled checks before a matrix switches")
     switch_every_steps: int = Field(0, ge=0, description="0: check at epoch ends")
+    switch_lr_ratio: float = Field(
+        10.0, gt=0,
+        description="rate of a switched matrix's LoRA adapter relative to its full-tuning rate (default: the "
+        "LoRA/full rate ratio of the examples, 1e-3 / 1e-4)",
+    )
 
 
 class TrainSection(_Section):
@@ -75,6 +80,10 @@ class EvalSection(_Section):
     every: Literal["epoch", "steps", "no"] = "epoch"
     every_steps: int = Field(0, ge=0)
     batch_size: int = Field(64, ge=1)
+    final_splits: list[Literal["train", "validation", "test"]] = Field(
+        default_factory=lambda: ["train", "validation", "test"],
+        description="splits evaluated after training; a hyper-parameter search leaves out test",
+    )
 
 
 class OutputSection(_Section):

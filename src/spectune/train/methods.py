@@ -133,6 +133,10 @@ class SwitchAdapters:
         """Every parameter a switch touches (base weights and adapters): the optimizer holds them all from the start."""
         return [n for base, adapters in self.modules.values() for n in [base, *adapters]]
 
+    def adapter_names(self) -> list[str]:
+        """The dormant adapters' parameters alone (they train at ``plan.switch_lr_ratio`` x their layer's rate)."""
+        return [n for _, adapters in self.modules.values() for n in adapters]
+
 
 def inject_switch_adapters(model: torch.nn.Module, plan: Plan, light: dict[str, str], dropout: float = 0.0) -> SwitchAdapters:
     """Give every lightweight matrix a dormant LoRA adapter of the plan's rank, in place.

@@ -24,7 +24,9 @@ from spectune import _io
 from spectune.analyze import analyze
 from spectune.analyze.builtin import ALIASES, resolve
 from spectune.plan import Plan, match_names, param_groups, plan as make_plan
+from spectune._config import first_difference
 from spectune.train import callbacks as cb
+from spectune.train.checkpoints import CheckpointError, MarkComplete, checkpoints, last_checkpoint
 from spectune.train.config import TrainConfig
 from spectune.train.data import TextSplits, load_data
 from spectune.train.methods import SwitchAdapters, apply_method, count_trainable, inject_switch_adapters
@@ -48,6 +50,7 @@ class SpectralTrainer(Trainer):
         super().__init__(*args, **kw)
         self.group_fn = group_fn
         self.guard = guard
+        self.initial_scale = 1.0  # parameter-weighted mean rate scale of the first optimizer groups
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         # built here (not passed in) so accelerate/FSDP see the wrapped model's own parameters
@@ -56,6 +59,7 @@ class SpectralTrainer(Trainer):
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
             kwargs.pop("lr", None)
             self.optimizer = cls(self.group_fn(opt_model), lr=self.args.learning_rate, **kwargs)
+            self.initial_scale = cb.weighted_scale(self.optimizer.param_groups)
             return self.optimizer
         return super().create_optimizer(model)
 
@@ -161,15 +165,41 @@ def _world() -> tuple[int, bool]:
     return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return ckpts[-1] if ckpts else None
+class ConfigChanged(ValueError):
+    """``--resume`` with a config that differs from the one the run started with."""
 
 
-def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | None = None) -> RunResult:
-    """Train as configured; with ``resume`` continue from the run folder's last checkpoint.
+def required_state(cfg: TrainConfig) -> list[str]:
+    """spectune's own files a checkpoint of this run must hold to resume it as the run it was."""
+    need = []
+    if cfg.plan.policy and cfg.plan.replan != "never":
+        need += [cb.STATE_FILE, "spectune_plan.yaml"]
+    if cfg.plan.switch_to_light:
+        need.append(cb.SWITCH_FILE)
+    return need
+
+
+def _check_resumed_config(cfg: TrainConfig, run_dir: Path, ckpt: Path, allow_change: bool) -> list[str]:
+    """Refuse a resume under another config (naming the first differing key) unless allowed; then record it."""
+    stored = run_dir / "config.yaml"
+    if not stored.exists() or stored.read_text() == cfg.to_yaml():
+        return []
+    change = first_difference(stored.read_text(), cfg.to_yaml())
+    if not allow_change:
+        raise ConfigChanged(
+            f"--resume: the config differs from the one {run_dir} was started with ({change}); resume with the "
+            "original config, or pass --allow-config-change to continue under this one (it is then recorded)")
+    _io.write_text(run_dir / f"config-before-resume-{ckpt.name}.yaml", stored.read_text())
+    return [f"resumed from {ckpt.name} with a changed config: {change}"]
+
+
+def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | None = None,
+        allow_config_change: bool = False) -> RunResult:
+    """Train as configured; with ``resume`` continue from the run folder's last usable checkpoint.
 
     ``extra_callbacks`` are added to the Trainer (progress hooks, or a test's simulated crash).
+    A resume under a config other than the stored one is refused unless ``allow_config_change``
+    (the change is then recorded in summary.json and the old config kept beside the new).
     """
     t0 = time.perf_counter()
     world, main = _world()
@@ -177,11 +207,12 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     # Every rank checks the folder before any rank writes to it. No rank can write a
     # checkpoint before all ranks have joined the first training step, so the ranks
     # see the same checkpoints here and agree on refusing (or resuming).
-    ckpt = last_checkpoint(run_dir) if resume else None
+    ckpt = last_checkpoint(run_dir, required_state(cfg)) if resume else None
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    if not resume and last_checkpoint(run_dir) is not None:
+    if not resume and checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another output.dir")
+    config_changes = _check_resumed_config(cfg, run_dir, ckpt, allow_config_change) if ckpt is not None else []
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
         _io.write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -250,7 +281,9 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     replanner = None
     if plan is not None and cfg.plan.policy and cfg.plan.replan != "never" and plan.policy == cfg.plan.policy:
         replanner = cb.ReplanCallback(cfg.plan, plan, cfg.train.lr, cfg.train.weight_decay, run_dir, cache, planned_epoch,
-                                      always=switchable.parameter_names() if switchable else None)
+                                      always=switchable.parameter_names() if switchable else None,
+                                      adapters=switchable.adapter_names() if switchable else None,
+                                      adapter_ratio=cfg.plan.switch_lr_ratio)
         callbacks.append(replanner)
     if cfg.logging.track_metrics:  # an empty list switches tracking off (a comparison grid needs no trajectories)
         callbacks.append(cb.SpectralTracker(run_dir, cfg.logging.track_metrics, cfg.logging.track_spectra_every_steps, cache))
@@ -264,12 +297,16 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
                                        cfg.plan.switch_every_steps, run_dir, cache, cb.restore_switches(ckpt), ranks)
         callbacks.append(switcher)
     callbacks += list(extra_callbacks or [])
+    callbacks.append(MarkComplete())  # last: its marker says every other callback's files are written
 
     def group_fn(m: torch.nn.Module) -> list[dict[str, Any]]:
         current = replanner.plan if replanner is not None else plan
         assert current is not None
-        with cb.grads_for(m, switchable.parameter_names() if switchable else []):
+        if switchable is None:
             return param_groups(m, current, cfg.train.lr, cfg.train.weight_decay)
+        with cb.grads_for(m, switchable.parameter_names()):
+            groups = param_groups(m, current, cfg.train.lr, cfg.train.weight_decay)
+        return cb.scale_groups(groups, switchable.adapter_names(), cfg.plan.switch_lr_ratio)
 
     if cfg.logging.tensorboard:
         # the Trainer's TensorBoard callback reads its folder from the environment; keep it in the run folder
@@ -298,14 +335,17 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     main = trainer.is_world_process_zero()
     train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     if guard.bad_step is not None:
-        good = last_checkpoint(run_dir)
+        try:
+            good = last_checkpoint(run_dir, required_state(cfg))
+        except CheckpointError:
+            good = None
         raise TrainingDiverged(
             f"loss became NaN/Inf at step {guard.bad_step}; training stopped. "
             f"Last good checkpoint: {good if good else 'none (no checkpoint was saved before the divergence)'}"
         )
 
     results: dict[str, Any] = {"train_loss": train_out.training_loss}
-    for split in ("train", "validation", "test"):
+    for split in cfg.eval.final_splits:
         ds = data[split] if split != "train" else data["train"].select(range(min(len(data["train"]), len(data["validation"]))))
         m = trainer.evaluate(ds, metric_key_prefix=split)
         results.update(m)
@@ -341,12 +381,26 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "global_step": trainer.state.global_step,
+        # mean over the plans the run used: the first optimizer groups, then each re-plan
+        "mean_lr_scale": float(np.mean([trainer.initial_scale] + [h["mean_lr_scale"] for h in replanner.history]))
+        if replanner else trainer.initial_scale,
         "plans": [h["plan"] for h in replanner.history] if replanner else [],
         "data": splits.description,
+        "config_changes": config_changes + _earlier_changes(run_dir),
     }
     if main:
         _io.write_json(run_dir / "summary.json", summary)
     return RunResult(run_dir=run_dir, metrics=results, plans=summary["plans"])
+
+
+def _earlier_changes(run_dir: Path) -> list[str]:
+    """Config changes recorded by earlier resumes of this run (kept across further resumes)."""
+    import json
+
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return []
+    return list(json.loads(path.read_text()).get("config_changes") or [])
 
 
 def training_arguments(cfg: TrainConfig, output_dir: Path, total_steps: int, world: int = 1) -> TrainingArguments:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from spectune.plan.schema import LoraDecision
 
@@ -20,6 +21,17 @@ class PolicyConfig(BaseModel):
     """Base of every policy's typed configuration (unknown keys are errors)."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class RateConfig(PolicyConfig):
+    """Base of the policies that set per-matrix rates: how their scales relate to the base rate."""
+
+    normalize: Literal["none", "mean"] = Field(
+        "none",
+        description="none: scales as the policy gives them; mean: rescaled so their parameter-weighted mean is 1 "
+        "(the plan redistributes the step size instead of shrinking it), capped at max_scale",
+    )
+    max_scale: float = Field(4.0, ge=1, description="upper cap on any scale after normalize: mean")
 
 
 @dataclass
@@ -56,3 +68,37 @@ def minmax(values: pd.Series, what: str) -> pd.Series | None:
 def module_name(param_name: str) -> str:
     """The module a weight belongs to (what PEFT targets)."""
     return param_name.removesuffix(".weight")
+
+
+def normalize_mean(scales: dict[str, float], sizes: dict[str, float], cap: float) -> dict[str, float]:
+    """Scales multiplied by one factor c so that sum(size * min(c * s, cap)) / sum(size) = 1.
+
+    The weighted mean of the capped scales grows monotonically with c, so c is found by
+    bisection; a scale that hits the cap stays there and the others take up the rest.
+    Sizes are parameter counts (a matrix with more weights moves the mean more). When
+    the cap makes a mean of 1 unreachable (every scale capped, or cap < 1) the scales
+    are left as given and a ValueError says why.
+    """
+    names = [n for n in scales if sizes.get(n, 0) > 0]
+    s = np.array([scales[n] for n in names], dtype=float)
+    w = np.array([sizes[n] for n in names], dtype=float)
+    if not len(s) or not np.any(s > 0):
+        raise ValueError("normalize: mean needs at least one matrix with a positive scale and a known size")
+    w = w / w.sum()
+
+    def mean(c: float) -> float:
+        return float(np.sum(w * np.minimum(c * s, cap)))
+
+    if cap * float(w[s > 0].sum()) < 1 - 1e-12:
+        raise ValueError(f"normalize: mean cannot reach 1 with max_scale={cap} (too many matrices at the cap)")
+    lo, hi = 0.0, 1.0
+    while mean(hi) < 1:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean(mid) < 1 else (lo, mid)
+    c = hi
+    out = dict(scales)
+    for n, v in zip(names, s):
+        out[n] = float(min(c * v, cap))
+    return out

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from spectune.plan.policies._common import Decisions, PolicyConfig, finite_metric, minmax, usable
+from spectune.plan.policies._common import Decisions, RateConfig, finite_metric, minmax, usable
 
 
-class AlphaBalanceConfig(PolicyConfig):
+class AlphaBalanceConfig(RateConfig):
     map: Literal["linear", "sqrt", "log2", "rank"] = "linear"
     lr_min_ratio: float = Field(0.5, gt=0)
     lr_max_ratio: float = Field(1.5, gt=0)

@@ -21,12 +21,12 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field
 
-from spectune.plan.policies._common import Decisions, PolicyConfig, finite_metric, minmax, usable
+from spectune.plan.policies._common import Decisions, RateConfig, finite_metric, minmax, usable
 
 PHASE_METRIC = {"svd": "svd_metric", "ce": "ce_metric", "cs": "cs_metric"}
 
 
-class PhasedConfig(PolicyConfig):
+class PhasedConfig(RateConfig):
     phase: Literal["auto", "svd", "ce", "cs"] = Field("auto", description="auto: schedule[epoch % len]")
     epoch: int = Field(0, ge=0)
     schedule: list[Literal["svd", "ce", "cs"]] = Field(default_factory=lambda: ["svd", "ce", "cs"], min_length=1)
