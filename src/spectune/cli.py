@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Spectral-guided fine-tuning toolkit.")
@@ -36,15 +37,21 @@ def _main() -> None:
 
 
 def _fmt(v: object) -> str:
+    """A table cell: numbers in 4 significant digits, text printed literally (a name may hold '[/x]')."""
     if isinstance(v, float):
         if math.isnan(v):
             return "-"
         return f"{v:.4g}"
-    return str(v)
+    return escape(str(v))
+
+
+def _error(err: object) -> None:
+    """An error line; the message is printed literally (paths and names may look like rich markup)."""
+    _c.err.print(f"[red]error:[/] {escape(str(err))}")
 
 
 def _table(title: str, df, columns: list[str]) -> Table:  # type: ignore[no-untyped-def]
-    t = Table(title=title, show_lines=False)
+    t = Table(title=escape(title), show_lines=False)
     for c in columns:
         left = c in ("module_type", "name", "status", "task", "method", "vs", "verdict", "id", "claim")
         t.add_column(c, justify="left" if left else "right", no_wrap=c in ("method", "vs", "verdict", "difference [95% CI]", "95% CI"))
@@ -93,7 +100,7 @@ def analyze(
     try:
         result = run_analysis(model, cfg)
     except (SourceError, ValueError, RuntimeError) as err:
-        _c.err.print(f"[red]error:[/] {err}")
+        _error(err)
         raise typer.Exit(2) from None
     result.save(out)
     written = ["metrics.parquet", "metrics.csv", "summary.json", "spectra.npz"]
@@ -112,7 +119,7 @@ def analyze(
     counts = ", ".join(f"{k}={v}" for k, v in summary["status_counts"].items())
     _c.out.print(
         f"{summary['n_matrices']} matrices ({counts}), {summary['n_parameters']:,} parameters, "
-        f"{result.timings.get('total_s', 0):.1f} s -> {out}/ ({', '.join(written)})"
+        f"{result.timings.get('total_s', 0):.1f} s -> {out}/ ({', '.join(written)})", markup=False
     )
 
 
@@ -147,6 +154,9 @@ def plan(
 
     if (model is None) == (from_analysis is None):
         raise typer.BadParameter("give either MODEL or --from-analysis DIR")
+    if out.suffix.lower() in (".html", ".htm"):
+        raise typer.BadParameter(f"--out {out}: the plan's HTML report is written beside the plan as "
+                                 f"{out.with_suffix('.html').name}; give the plan file another suffix (.yaml, .json)")
     try:
         result = AnalysisResult.load(from_analysis) if from_analysis else run_analysis(model)
         p = make_plan(result, policy, _parse_sets(set_ or []))
@@ -163,7 +173,7 @@ def plan(
         else:
             raise typer.BadParameter(f"--format must be spectune, peft or axolotl, not '{fmt}'")
     except (PlanError, SourceError, FileNotFoundError) as err:
-        _c.err.print(f"[red]error:[/] {err}")
+        _error(err)
         raise typer.Exit(2) from None
     from spectune.plan.report import write_plan_report
 
@@ -172,10 +182,11 @@ def plan(
     cols = [c for c in ["name", "module_type", "lr_scale", "trainable", "lora_rank"] if c in table]
     _c.out.print(_table(f"plan: policy {policy} on {p.model}", table, cols))
     for note in p.notes:
-        _c.out.print(f"- {note}")
+        _c.out.print(f"- {note}", markup=False)
     if p.excluded:
-        _c.out.print(f"- base rate kept for {len(p.excluded)} matrices without the metric: {', '.join(p.excluded[:5])}")
-    _c.out.print(f"plan written to {out} ({fmt}); table and plots: {html_path}")
+        _c.out.print(f"- base rate kept for {len(p.excluded)} matrices without the metric: {', '.join(p.excluded[:5])}",
+                     markup=False)
+    _c.out.print(f"plan written to {out} ({fmt}); table and plots: {html_path}", markup=False)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
@@ -198,18 +209,18 @@ def train(
         result = run(cfg, resume=resume, allow_config_change=allow_config_change)
     except (TrainConfigError, PlanError, FileNotFoundError, FileExistsError, ValueError, TrainingDiverged,
             CheckpointError) as err:
-        _c.err.print(f"[red]error:[/] {err}")
+        _error(err)
         raise typer.Exit(2) from None
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns; one prints
         return
-    t = Table(title=f"run {result.run_dir}")
+    t = Table(title=escape(f"run {result.run_dir}"))
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in result.metrics.items():
         if any(k.startswith(p) for p in ("test_", "validation_", "train_loss", "gap_")) and not k.endswith(("runtime", "per_second")):
-            t.add_row(k, _fmt(v))
+            t.add_row(escape(k), _fmt(v))
     _c.out.print(t)
 
 
@@ -227,7 +238,7 @@ def _print_comparison(result) -> None:  # type: ignore[no-untyped-def]
     failed = result.results[result.results["status"] != "ok"] if "status" in result.results else []
     if len(failed):
         _c.out.print(f"[red]{len(failed)} cell(s) failed[/]: see failed.json in their folders")
-    _c.out.print(f"report: {result.report}")
+    _c.out.print(f"report: {result.report}", markup=False)
 
 
 def _run_comparison(cfg, command: str, search_only: bool = False, worker: bool = False,  # type: ignore[no-untyped-def]
@@ -237,7 +248,7 @@ def _run_comparison(cfg, command: str, search_only: bool = False, worker: bool =
     from spectune.compare.search import SearchError
 
     def line(text: str) -> None:
-        _c.out.print(text, highlight=False)
+        _c.out.print(text, highlight=False, markup=False)
 
     try:
         if worker:
@@ -245,7 +256,7 @@ def _run_comparison(cfg, command: str, search_only: bool = False, worker: bool =
             return
         if search_only:
             found = run_search_only(cfg, on_line=line)
-            _c.out.print(f"search worker done: {len(found.trials)} trials recorded under {cfg.output_dir}/search/")
+            _c.out.print(f"search worker done: {len(found.trials)} trials recorded under {cfg.output_dir}/search/", markup=False)
             return
         def cell_line(cell, row) -> None:  # type: ignore[no-untyped-def]
             # without a terminal (a log file, CI) the bar is off: one line per finished cell instead
@@ -256,7 +267,7 @@ def _run_comparison(cfg, command: str, search_only: bool = False, worker: bool =
         result = run_compare(cfg, progress=terminal, command=command, on_line=line, on_cell=None if terminal else cell_line,
                              workers=workers)
     except (StaleCell, SearchError) as err:
-        _c.err.print(f"[red]error:[/] {err}")
+        _error(err)
         raise typer.Exit(2) from None
     _print_comparison(result)
 
@@ -281,7 +292,7 @@ def compare(
     try:
         cfg = load_compare_config(config, overrides or [])
     except TrainConfigError as err:
-        _c.err.print(f"[red]error:[/] {err}")
+        _error(err)
         raise typer.Exit(2) from None
     _run_comparison(cfg, " ".join(["spectune compare", str(config), *(overrides or [])]), search_only, worker, workers)
 
@@ -295,7 +306,7 @@ def demo(
     from spectune.compare.demo import demo_config
 
     cfg = demo_config(str(out), seeds)
-    _c.out.print(f"[bold]{cfg.name}[/]: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds -> {out}/")
+    _c.out.print(f"[bold]{escape(cfg.name)}[/]: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds -> {escape(str(out))}/")
     _run_comparison(cfg, f"spectune demo --out {out} --seeds {seeds}")
 
 
@@ -316,7 +327,7 @@ def study(
     try:
         report = run_study(name, config, out_dir=out, overrides=overrides or [], progress=True)
     except (TrainConfigError, FileNotFoundError, ValueError) as err:
-        _c.err.print(f"[red]error:[/] {err}")
+        _error(err)
         raise typer.Exit(2) from None
     claims = report.parent / "claims.csv"
     if claims.exists():
@@ -325,7 +336,7 @@ def study(
         df = pd.read_csv(claims)
         cols = [c for c in ("id", "claim", "verdict", "estimate", "lo", "hi", "n") if c in df]
         _c.out.print(_table("claims (seed 001)", df, cols))
-    _c.out.print(f"report: {report}")
+    _c.out.print(f"report: {report}", markup=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -53,10 +53,18 @@ def resolve(alias: str) -> Path:
     raise KeyError(alias)  # pragma: no cover
 
 
+COMPLETE = "spectune_cache.json"  # written last into a converted folder: its presence means the folder is whole
+
+
 def converted_smollm2(gguf_path: Path) -> Path:
-    """Dequantize the packaged GGUF into an fp32 HF folder once; later calls reuse it."""
+    """Dequantize the packaged GGUF into an fp32 HF folder once; later calls reuse it.
+
+    The folder (weights, config and tokenizer) is built in a temporary sibling and
+    renamed into place with its completion marker, so a failed or killed conversion
+    never leaves a folder that later calls would take for a whole one.
+    """
     target = cache_dir() / "smollm2-135m"
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+    if (target / COMPLETE).exists():
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -75,8 +83,13 @@ def converted_smollm2(gguf_path: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         try:
             AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(tmp)
-        except Exception:  # the tokenizer is a convenience for training, not needed to analyze
-            pass
+        except Exception as err:  # noqa: BLE001 - re-raised with what failed and where
+            raise AliasUnavailable(
+                f"smollm2-135m: converting the tokenizer from {gguf_path} failed ({type(err).__name__}: {err}); "
+                "nothing was cached") from err
+        import json
+
+        (tmp / COMPLETE).write_text(json.dumps({"source": str(gguf_path), "tokenizer": True}))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

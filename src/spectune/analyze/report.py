@@ -76,7 +76,8 @@ def plot_esd(name: str, lam: np.ndarray, row: Mapping[str, Any], path: str | Pat
     ax.set_xlabel("eigenvalue lambda = s^2 of W^T W")
     ax.set_ylabel("density")
     status = str(row.get("status", ""))
-    ax.set_title(_shorten(name, 70) + ("" if status in ("ok", "") else f"  [{status}]"), fontsize=9)
+    # parse_math off: a tensor name is printed as it is ('$' would start matplotlib's mathtext)
+    ax.set_title(_shorten(name, 70) + ("" if status in ("ok", "") else f"  [{status}]"), fontsize=9, parse_math=False)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
 

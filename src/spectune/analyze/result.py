@@ -13,6 +13,7 @@ import pandas as pd
 
 from spectune import _io
 
+MARKER = "analysis.json"  # written last by save(): a folder without it holds an interrupted save
 IDENTITY = ["name", "module_type", "layer_index", "rows", "cols", "numel", "dtype", "tied_to", "status", "note"]
 SPECTRUM = [
     "n_evals",
@@ -120,18 +121,24 @@ class AnalysisResult:
     # -- persistence ------------------------------------------------------------------
 
     def save(self, out_dir: str | Path) -> Path:
-        """metrics.parquet, metrics.csv, summary.json and spectra.npz, each written atomically."""
+        """metrics.parquet, metrics.csv, summary.json and spectra.npz, each written atomically, as one set.
+
+        ``analysis.json`` marks a whole set: it is removed before the first file is
+        replaced and written after the last, so a save killed half-way leaves a
+        folder that ``load`` refuses instead of a mix of two analyses.
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).unlink(missing_ok=True)
         with _io.atomic_path(out / "metrics.parquet") as tmp:
             self.metrics.to_parquet(tmp, index=False)
         with _io.atomic_path(out / "metrics.csv") as tmp:
             self.metrics.to_csv(tmp, index=False)
         _io.write_json(out / "summary.json", self.summary())
-        _io.write_json(out / "analysis.json", {"source": self.source, "model_config": self.model_config})
         with _io.atomic_path(out / "spectra.npz") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **{_key(k): v for k, v in self.spectra.items()})
+        _io.write_json(out / MARKER, {"source": self.source, "model_config": self.model_config})
         return out
 
     @classmethod
@@ -141,9 +148,12 @@ class AnalysisResult:
         path = out / "metrics.parquet"
         if not path.exists():
             raise FileNotFoundError(f"no saved analysis in {out} (metrics.parquet missing)")
+        if not (out / MARKER).exists():
+            raise FileNotFoundError(f"{out} holds an incomplete analysis ({MARKER} missing: a save was interrupted); "
+                                    "run the analysis again")
         df = pd.read_parquet(path)
         summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
-        meta = json.loads((out / "analysis.json").read_text()) if (out / "analysis.json").exists() else {}
+        meta = json.loads((out / MARKER).read_text())
         spectra: dict[str, np.ndarray] = {}
         if (out / "spectra.npz").exists():
             with np.load(out / "spectra.npz", allow_pickle=False) as z:

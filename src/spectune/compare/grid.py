@@ -233,11 +233,15 @@ class _Progress:
         self.p.start()
 
     def start(self, cell: Cell) -> None:
-        self.p.update(self.task, description=f"[bold]{cell.label}")
+        from rich.markup import escape
+
+        self.p.update(self.task, description=f"[bold]{escape(cell.label)}")
 
     def done(self, row: dict[str, Any]) -> None:
-        if row.get("status") == "failed":
-            self.p.console.print(f"[red]failed[/red] {row['task']} / {row['method']} / seed {row['seed']}: {row['error']}")
+        from rich.markup import escape
+
+        if row.get("status") == "failed":  # names and errors are printed literally: a path may look like markup
+            self.p.console.print("[red]failed[/red] " + escape(f"{row['task']} / {row['method']} / seed {row['seed']}: {row['error']}"))
         self.p.advance(self.task)
 
     def stop(self) -> None:

@@ -305,9 +305,9 @@ def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, co
     out = Path(out_dir)
     tables = tables if tables is not None else analyse(df, cfg)
     rows = pd.DataFrame(console_rows(tables["summary"], tables["paired"]))
-    lines = [f"# {cfg.name}", ""]
+    lines = [f"# {md_escape(cfg.name)}", ""]
     if command:
-        lines += [f"Reproduce: `{command}`", ""]
+        lines += [f"Reproduce: {md_code(command)}", ""]
     lines += [
         f"{len(cfg.tasks)} task(s) x {len(cfg.methods)} method(s) x {len(cfg.seeds)} seed(s), baseline `{cfg.baseline}`"
         + "".join(f", `{m}` against `{b}`" for m, b in cfg.pairs.items()) + ". "
@@ -343,6 +343,21 @@ def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, co
                 lines.append(f"![{task} search](plots/{task}_search.png)")
         lines.append("")
     return _io.write_text(out / "results.md", "\n".join(lines))
+
+
+def md_escape(text: str) -> str:
+    """Text shown literally in Markdown (results.md is committed into docs, where markup would render)."""
+    return "".join("\\" + ch if ch in "\\`*_[]<>#|" else ch for ch in text)
+
+
+def md_code(text: str) -> str:
+    """An inline code span that holds any text: fenced by more backticks than the text's longest run."""
+    import re
+
+    run = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * (run + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _count(n: float) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -205,15 +206,22 @@ class SpectralTracker(TrainerCallback):
         self.writer: Any = None
         self.writes = False  # set at train begin: every rank analyzes (same points, shared cache), rank 0 writes
 
-    def _open(self) -> None:
+    def _open(self, step: int) -> None:
         self.writes = True
-        if self.path.exists():  # a resumed run continues its trajectory
-            self.frames.append(pd.read_parquet(self.path))
+        if self.path.exists():  # a resumed run continues its trajectory from its checkpoint's step
+            table = pd.read_parquet(self.path)
+            kept = table[table["step"] <= step]
+            if len(kept) < len(table):  # points recorded after the checkpoint are recorded again
+                with _io.atomic_path(self.path) as tmp:
+                    kept.to_parquet(tmp, index=False)
+            self.frames.append(kept)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard" / "spectra"))
-        except Exception:  # tensorboard is optional
+        except Exception as err:  # noqa: BLE001 - TensorBoard is optional; the parquet trajectory is the record
+            warnings.warn(f"spectral tracking: no TensorBoard events ({type(err).__name__}: {err}); "
+                          f"the trajectory is still written to {self.path}", stacklevel=2)
             self.writer = None
 
     def record(self, model: torch.nn.Module, step: int, epoch: float) -> None:
@@ -238,7 +246,7 @@ class SpectralTracker(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         if state.is_world_process_zero and not self.writes:
-            self._open()
+            self._open(state.global_step)
         if state.global_step == 0:
             self.record(model, 0, 0.0)
 
@@ -261,9 +269,27 @@ class MetricsLog(TrainerCallback):
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(_io.to_jsonable(record)) + "\n")
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        """A resumed run logs again from its checkpoint's step: drop the lines written after it."""
+        if state.global_step == 0 or not state.is_world_process_zero or not self.path.exists():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = [ln for ln in lines if ln.strip() and _step_of(ln) <= state.global_step]
+        if len(kept) < len(lines):
+            _io.write_text(self.path, "".join(ln + "\n" for ln in kept))
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
         if logs and state.is_world_process_zero:
             self.write({"step": state.global_step, "epoch": state.epoch, **logs})
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line (a final record counts as after every step; a torn line is dropped)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return math.inf
+    return math.inf if record.get("kind") == "final" else float(record.get("step", math.inf))
 
 
 class AdaLoraBudget(TrainerCallback):
