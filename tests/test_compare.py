@@ -172,8 +172,12 @@ def test_demo_config_is_the_promised_grid():
 
     cfg = demo_config("out/x")
     policies = {cell_config(cfg, "trec", m, 0).plan.policy for m in cfg.methods}
-    assert {"phased", "alpha-balance", "adaptive-rank", None} <= policies and len(cfg.seeds) == 3
+    assert {"phased", "alpha-balance", None} <= policies and len(cfg.seeds) == 3
     assert cell_config(cfg, "trec", "full-uniform", 0).model.name == "minilm"
+    # the rates are the recorded search's choices, one per method, not a shared guess
+    from spectune.compare.demo import TUNED_LR
+
+    assert {m: cell_config(cfg, "trec", m, 0).train.lr for m in cfg.methods} == TUNED_LR
 
 
 def test_findings_name_the_direction_and_a_smaller_mean_rate():

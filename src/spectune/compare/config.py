@@ -107,6 +107,9 @@ class CompareConfig(BaseModel):
     tie_tolerance: float = Field(0.0, ge=0, description="a paired difference within this counts as a tie")
     output_dir: str = "runs/compare"
     search: SearchConfig | None = Field(None, description="tune each method on validation before the final seeds")
+    order: Literal["seed", "task"] = Field(
+        "seed", description="seed: every task and method of a seed before the next seed (a grid cut short is still "
+        "paired everywhere); task: every seed of a task (and its search) before the next task (results arrive task by task)")
     curve: str | None = Field(
         None, description="a dotted cell-config path whose value differs between tasks (data.max_examples): the "
         "report plots each method's paired difference against it, one line per task family (data.name or data.path)")

@@ -48,7 +48,12 @@ class Cell:
 
 
 def cells(cfg: CompareConfig) -> list[Cell]:
-    """Seed-major order: after the first seed every method has one result, so a cut-short grid is still paired."""
+    """Seed-major by default: after the first seed every method has one result, so a cut-short grid is still paired.
+
+    Task-major (``order: task``) finishes a task, every seed and method, before the next.
+    """
+    if cfg.order == "task":
+        return [Cell(t, m, s) for t in cfg.tasks for s in cfg.seeds for m in cfg.methods]
     return [Cell(t, m, s) for s in cfg.seeds for t in cfg.tasks for m in cfg.methods]
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from spectune.compare.config import CompareConfig
 from spectune.compare.grid import Cell, run_grid
 from spectune.compare.report import analyse, write_markdown, write_report
-from spectune.compare.search import SearchResult, run_search
+from spectune.compare.search import SearchPerTask, SearchResult, run_search
 
 
 @dataclass
@@ -60,9 +60,9 @@ def compare(cfg: CompareConfig, progress: bool = True, command: str | None = Non
     """
     search = None
     with quiet_libraries(), helpers(cfg, workers - 1) as procs:
+        df = run_grid(cfg, progress=progress, on_cell=on_cell, chosen=_chosen(cfg, on_line))
         if cfg.search is not None:
-            search = run_search(cfg, on_line=on_line)
-        df = run_grid(cfg, progress=progress, on_cell=on_cell, chosen=search.values if search else None)
+            search = run_search(cfg, on_line=on_line)  # every study is spent by now: this gathers the record
         for proc in procs:
             proc.wait()
     tables = analyse(df, cfg)
@@ -74,8 +74,12 @@ def compare(cfg: CompareConfig, progress: bool = True, command: str | None = Non
 def work(cfg: CompareConfig) -> None:
     """A helper process: take part in the search, then train the final cells no other process holds; no report."""
     with quiet_libraries():
-        search = run_search(cfg) if cfg.search is not None else None
-        run_grid(cfg, progress=False, chosen=search.values if search else None, wait=False)
+        run_grid(cfg, progress=False, chosen=_chosen(cfg, None), wait=False)
+
+
+def _chosen(cfg: CompareConfig, on_line: Callable[[str], None] | None) -> Callable[[str, str], dict | None] | None:
+    """The searched values of a cell's task and method, each task's search run when its first cell needs it."""
+    return SearchPerTask(cfg, on_line).values if cfg.search is not None else None
 
 
 @contextmanager

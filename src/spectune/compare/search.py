@@ -493,13 +493,17 @@ class SearchResult:
         return entry["values"] if entry else None
 
 
-def run_search(cfg: CompareConfig, on_line: Callable[[str], None] | None = None, wait: bool = True) -> SearchResult:
-    """Every searched task x method, study after study; writes trials.csv and chosen.json to ``search/``."""
+def run_search(cfg: CompareConfig, on_line: Callable[[str], None] | None = None, wait: bool = True,
+               tasks: list[str] | None = None) -> SearchResult:
+    """Every searched task x method (of ``tasks``, default all), study after study.
+
+    With ``wait`` (and all tasks) it writes trials.csv and chosen.json to ``search/``.
+    """
     assert cfg.search is not None
     store = storage(cfg)
     tables = []
     chosen: dict[str, dict[str, dict[str, Any]]] = {}
-    studies = [(task, method) for task in cfg.tasks for method in searched_methods(cfg)]
+    studies = [(task, method) for task in (tasks or list(cfg.tasks)) for method in searched_methods(cfg)]
     for task, method in studies:  # first pass: claim trials, never wait (other workers may hold the last ones)
         run_study(cfg, task, method, on_line, wait=False, store=store)
     for task, method in studies:
@@ -513,7 +517,7 @@ def run_search(cfg: CompareConfig, on_line: Callable[[str], None] | None = None,
             chosen.setdefault(task, {})[method] = {"values": values, "value": float(best["value"]),
                                                    "trial": int(best["number"]), "metric": f"validation_{metric}"}
     trials = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    if wait:  # only a worker that saw every trial end writes the record (a --search-only one may leave early)
+    if wait and tasks is None:  # only a worker that saw every trial end writes the record (--search-only may leave early)
         out = search_dir(cfg)
         _io.write_text(out / TRIALS_FILE, trials.to_csv(index=False))
         _io.write_json(out / CHOSEN_FILE, chosen)
@@ -531,3 +535,16 @@ def load_search(cfg: CompareConfig) -> SearchResult | None:
         return None
     trials = pd.read_csv(out / TRIALS_FILE) if (out / TRIALS_FILE).stat().st_size else pd.DataFrame()
     return SearchResult(trials, json.loads((out / CHOSEN_FILE).read_text()))
+
+
+class SearchPerTask:
+    """The chosen values of a task, its search run on first request (a grid in task order gets results early)."""
+
+    def __init__(self, cfg: CompareConfig, on_line: Callable[[str], None] | None = None) -> None:
+        self.cfg, self.on_line = cfg, on_line
+        self.done: dict[str, SearchResult] = {}
+
+    def values(self, task: str, method: str) -> dict[str, Any] | None:
+        if task not in self.done:
+            self.done[task] = run_search(self.cfg, self.on_line, tasks=[task])
+        return self.done[task].values(task, method)
