@@ -71,6 +71,11 @@ def test_search_picks_on_validation_and_only_final_cells_read_test(assets, tmp_p
     again = compare(cfg, progress=False)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == stamps
     assert again.search.chosen == result.search.chosen
+    # a report of what has finished, with one more method that never ran: nothing is trained, nothing is lost
+    grown = load_compare_config({**_cfg(assets, out), "methods": {**_cfg(assets, out)["methods"], "later": {"train": {"epochs": 1}}}})
+    partial = compare(grown, progress=False, report_only=True)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == stamps
+    assert set(partial.results["method"]) == {"full", "ab"} and partial.search.chosen["toy"]["full"] == result.search.chosen["toy"]["full"]
 
 
 def _worker(cfg_path: Path, *extra: str) -> subprocess.Popen:  # type: ignore[type-arg]

@@ -242,7 +242,7 @@ def _print_comparison(result) -> None:  # type: ignore[no-untyped-def]
 
 
 def _run_comparison(cfg, command: str, search_only: bool = False, worker: bool = False,  # type: ignore[no-untyped-def]
-                    workers: int = 1) -> None:
+                    workers: int = 1, report_only: bool = False) -> None:
     from spectune.compare.grid import StaleCell
     from spectune.compare.run import compare as run_compare, search_only as run_search_only, work
     from spectune.compare.search import SearchError
@@ -265,7 +265,7 @@ def _run_comparison(cfg, command: str, search_only: bool = False, worker: bool =
 
         terminal = _c.out.is_terminal
         result = run_compare(cfg, progress=terminal, command=command, on_line=line, on_cell=None if terminal else cell_line,
-                             workers=workers)
+                             workers=workers, report_only=report_only)
     except (StaleCell, SearchError) as err:
         _error(err)
         raise typer.Exit(2) from None
@@ -282,6 +282,8 @@ def compare(
     workers: Annotated[int, typer.Option("--workers", min=1, help="processes in all, one torch thread each; they "
                                          "share the search trials and the cells through the output folder")] = 1,
     worker: Annotated[bool, typer.Option("--worker", hidden=True, help="a helper started by --workers")] = False,
+    report_only: Annotated[bool, typer.Option("--report-only", help="train nothing: write the tables and report of "
+                                              "the cells and trials finished so far")] = False,
 ) -> None:
     """Run a grid of methods x tasks x seeds (resuming finished cells) and report paired statistics.
 
@@ -294,7 +296,8 @@ def compare(
     except TrainConfigError as err:
         _error(err)
         raise typer.Exit(2) from None
-    _run_comparison(cfg, " ".join(["spectune compare", str(config), *(overrides or [])]), search_only, worker, workers)
+    _run_comparison(cfg, " ".join(["spectune compare", str(config), *(overrides or [])]), search_only, worker, workers,
+                    report_only)
 
 
 @app.command()

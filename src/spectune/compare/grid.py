@@ -156,11 +156,13 @@ def save_results(df: pd.DataFrame, out_dir: str | Path) -> None:
 
 def run_grid(cfg: CompareConfig, progress: bool = True,
              on_cell: Callable[[Cell, dict[str, Any]], None] | None = None,
-             chosen: Callable[[str, str], dict[str, Any] | None] | None = None, wait: bool = True) -> pd.DataFrame:
+             chosen: Callable[[str, str], dict[str, Any] | None] | None = None, wait: bool = True,
+             train: bool = True) -> pd.DataFrame:
     """Every cell in order; the results table is rewritten after each, so it is never lost.
 
     ``chosen(task, method)`` gives the searched values a method's final cells train with;
-    without ``wait`` (a helper process) cells other processes hold are left to them.
+    without ``wait`` (a helper process) cells other processes hold are left to them; without
+    ``train`` only finished cells are read (a report of a grid still running, or cut short).
     Several processes may run the same comparison into one folder: each claims the
     cells no other holds (``seed-N.claim`` beside the cell folder), then waits for and
     reads the cells the others trained, so every process ends with the whole table.
@@ -185,6 +187,10 @@ def run_grid(cfg: CompareConfig, progress: bool = True,
         while pending:
             others = []
             for cell in pending:
+                if not train:
+                    if _finished(cfg, cell):
+                        finish(cell, run_cell(cfg, cell, chosen(cell.task, cell.method) if chosen else None))
+                    continue
                 values = chosen(cell.task, cell.method) if chosen else None
                 claim = claim_path(cfg, cell)
                 if not _finished(cfg, cell) and not _claim.try_claim(claim):
@@ -203,7 +209,7 @@ def run_grid(cfg: CompareConfig, progress: bool = True,
                 failed = json.loads((cell_dir(cfg, cell.task, cell.method, cell.seed) / FAILED_FILE).read_text())
                 finish(cell, {"task": cell.task, "method": cell.method, "seed": cell.seed, "status": "failed",
                               "error": failed.get("error", "")})
-            pending = [c for c in others if c not in rows] if wait else []
+            pending = [c for c in others if c not in rows] if wait and train else []
             if pending and len(pending) == len(others) and not ready:
                 time.sleep(5)
     finally:

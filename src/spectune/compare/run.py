@@ -52,19 +52,30 @@ def quiet_libraries() -> Iterator[None]:
 
 def compare(cfg: CompareConfig, progress: bool = True, command: str | None = None,
             on_line: Callable[[str], None] | None = None, on_cell: Callable[[Cell, dict], None] | None = None,
-            workers: int = 1) -> Comparison:
+            workers: int = 1, report_only: bool = False) -> Comparison:
     """Search (when configured), run (or resume) every final cell, then write tables, plots and ``report.html``.
 
     ``on_line`` receives one line per finished search trial; ``workers`` > 1 starts that many
-    processes in all (helpers share trials and cells through the output folder, one thread each).
+    processes in all (helpers share trials and cells through the output folder, one thread each);
+    ``report_only`` trains nothing: the tables and report of what has finished so far.
     """
     search = None
+    if report_only:
+        with quiet_libraries():
+            if cfg.search is not None:
+                search = run_search(cfg, read_only=True)
+            df = run_grid(cfg, progress=False, chosen=search.values if search else None, train=False)
+        return _write(cfg, df, command, search)
     with quiet_libraries(), helpers(cfg, workers - 1) as procs:
         df = run_grid(cfg, progress=progress, on_cell=on_cell, chosen=_chosen(cfg, on_line))
         if cfg.search is not None:
             search = run_search(cfg, on_line=on_line)  # every study is spent by now: this gathers the record
         for proc in procs:
             proc.wait()
+    return _write(cfg, df, command, search)
+
+
+def _write(cfg: CompareConfig, df: pd.DataFrame, command: str | None, search: SearchResult | None) -> Comparison:
     tables = analyse(df, cfg)
     report = write_report(df, cfg, cfg.output_dir, command=command, tables=tables, search=search)
     write_markdown(df, cfg, cfg.output_dir, command=command, tables=tables, search=search)

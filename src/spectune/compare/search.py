@@ -494,20 +494,22 @@ class SearchResult:
 
 
 def run_search(cfg: CompareConfig, on_line: Callable[[str], None] | None = None, wait: bool = True,
-               tasks: list[str] | None = None) -> SearchResult:
+               tasks: list[str] | None = None, read_only: bool = False) -> SearchResult:
     """Every searched task x method (of ``tasks``, default all), study after study.
 
-    With ``wait`` (and all tasks) it writes trials.csv and chosen.json to ``search/``.
+    With ``wait`` (and all tasks) it writes trials.csv and chosen.json to ``search/``;
+    ``read_only`` trains nothing and records what the studies hold now.
     """
     assert cfg.search is not None
     store = storage(cfg)
     tables = []
     chosen: dict[str, dict[str, dict[str, Any]]] = {}
     studies = [(task, method) for task in (tasks or list(cfg.tasks)) for method in searched_methods(cfg)]
-    for task, method in studies:  # first pass: claim trials, never wait (other workers may hold the last ones)
-        run_study(cfg, task, method, on_line, wait=False, store=store)
+    if not read_only:
+        for task, method in studies:  # first pass: claim trials, never wait (other workers may hold the last ones)
+            run_study(cfg, task, method, on_line, wait=False, store=store)
     for task, method in studies:
-        study = run_study(cfg, task, method, on_line, wait=wait, store=store)
+        study = open_study(cfg, task, method, store) if read_only else run_study(cfg, task, method, on_line, wait=wait, store=store)
         table = trial_table(study, task, method)
         tables.append(table)
         metric = objective_metric(cfg, task)
