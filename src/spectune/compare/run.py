@@ -28,7 +28,10 @@ class Comparison:
 
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """Silence per-cell chatter (load reports, dataset map bars) under the grid's own progress bar."""
+    """Silence per-cell chatter (load reports, dataset map bars, the libraries' own Future/Deprecation/User
+    warnings) under the grid's own progress bar and lines; spectune's warnings still show."""
+    import warnings
+
     import datasets
     import optuna
     import transformers
@@ -41,7 +44,12 @@ def quiet_libraries() -> Iterator[None]:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     try:
-        yield
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning, UserWarning):
+                warnings.filterwarnings("ignore", category=category,
+                                        module=r"(torch|transformers|accelerate|peft|datasets|optuna|sklearn|pandas)(\.|$)")
+            warnings.filterwarnings("ignore", category=FutureWarning)  # a library's deprecation notice, never ours
+            yield
     finally:
         transformers.logging.set_verbosity(level)
         if tf_bars:
