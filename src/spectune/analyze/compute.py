@@ -15,6 +15,8 @@ from contextlib import contextmanager
 
 import torch
 
+from spectune.analyze.powerlaw import FarmsWindows
+
 # Working-set target of one float64 slice stack, bytes.
 SLICE_BYTES = 16 * 2**20
 
@@ -109,3 +111,33 @@ def pairwise_dots(
         xr = g(torch.stack([v[a:b] for v in flat_r]).to(device=device, dtype=dtype))
         out += xl @ xr.T
     return out.cpu()
+
+
+# Bytes of float64 window copies handed to one batched eigensolve (FARMS).
+WINDOW_BYTES = 64 * 2**20
+
+
+def window_eigenvalues(
+    mats: Sequence[torch.Tensor],
+    windows: FarmsWindows,
+    device: torch.device,
+    dtype: torch.dtype,
+    method: str = "gram",
+) -> list[torch.Tensor]:
+    """FARMS: every window's spectrum of each matrix, concatenated per matrix (unsorted, float64, CPU).
+
+    The windows of all matrices go through ``eigenvalues`` in batches of at most
+    WINDOW_BYTES of float64 copies, so a large matrix with many windows never holds
+    every window copy at once.
+    """
+    h, w = windows.rows, windows.cols
+    offsets = [(r, c) for r in windows.row_starts for c in windows.col_starts]
+    jobs = [(i, r, c) for i in range(len(mats)) for r, c in offsets]
+    per = max(1, WINDOW_BYTES // max(1, h * w * 8))
+    parts: list[list[torch.Tensor]] = [[] for _ in mats]
+    for a in range(0, len(jobs), per):
+        chunk = jobs[a : a + per]
+        lam, _ = eigenvalues([mats[i][r : r + h, c : c + w] for i, r, c in chunk], device, dtype, method)
+        for (i, _, _), ev in zip(chunk, lam.double()):
+            parts[i].append(ev)
+    return [torch.cat(p) for p in parts]

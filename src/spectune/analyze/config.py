@@ -19,6 +19,14 @@ class AnalysisConfig(BaseModel):
     method: Literal["gram", "svd"] = Field("gram", description="eigvalsh of the Gram matrix, or svdvals")
     min_evals: int = Field(10, ge=1, description="fewer eigenvalues than this: status too_small, no fits")
     tw_margin: bool = Field(False, description="count spikes above the MP edge plus a Tracy-Widom margin")
+    alpha_estimator: Literal["hill", "farms"] = Field(
+        "hill",
+        description="spectrum the alpha fits read: hill = the matrix's own; farms = pooled fixed-aspect-ratio "
+        "windows (Hu et al., ICML 2025), which compares matrices of different shapes on one MP shape",
+    )
+    farms_window: int = Field(2000, ge=2, description="farms: window short side, capped at the matrix's short side")
+    farms_aspect: float = Field(1.0, ge=1, description="farms: window long side / short side (1 = square)")
+    farms_windows_per_dim: int = Field(10, ge=1, description="farms: window offsets along each dimension")
     randomize: bool = Field(False, description="also compute rand_distance (one more spectrum per matrix)")
     ce_mode: Literal["histogram", "elementwise"] = "histogram"
     ce_bins: int = Field(256, ge=8)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spectune.analyze import compute, crosslayer, spectral
+from spectune.analyze import compute, crosslayer, powerlaw, spectral
 from spectune.analyze.config import AnalysisConfig
 from spectune.analyze.naming import layer_index, module_type
 from spectune.analyze.result import COLUMNS, AnalysisResult
@@ -167,6 +167,7 @@ class _Run:
         if self.cfg.randomize:
             shuffled = [w.reshape(-1)[torch.randperm(w.numel(), generator=self.gen)].reshape(w.shape) for w in mats]
             lam_rand = compute.eigenvalues(shuffled, self.device, self.dtype, self.cfg.method)[0].double().numpy()
+        pooled = self._farms(mats, lam, finite) if self.cfg.alpha_estimator == "farms" else {}
         for i, (_, ref, w) in enumerate(loaded):
             ev = lam[i]
             row = self.rows[ref.name]
@@ -188,12 +189,30 @@ class _Run:
                 row["note"] = f"{ev.size} eigenvalue(s) < min_evals={self.cfg.min_evals}: no tail fits"
             else:
                 row["status"] = "ok"
-                row.update(spectral.tail_metrics(ev, ref.rows, ref.cols, tw_margin=self.cfg.tw_margin))
+                row.update(spectral.tail_metrics(ev, ref.rows, ref.cols, tw_margin=self.cfg.tw_margin, **pooled.get(i, {})))
                 if self.cfg.randomize:
                     row["rand_distance"] = spectral.esd_distance(ev, lam_rand[i])
             if self.cfg.ce_mode == "histogram":
                 rms = math.sqrt(float(ev.sum()) / w.numel())
                 self.hists[ref.name] = crosslayer.value_histogram(w, self.cfg.ce_bins, rms=rms)
+
+    def _farms(self, mats: list[torch.Tensor], lam: np.ndarray, finite: torch.Tensor) -> dict[int, dict[str, Any]]:
+        """FARMS: pooled window spectra of the matrices that will get tail fits, as tail_metrics arguments.
+
+        A matrix that is itself one window (a square matrix under square windows no larger
+        than it) keeps its own spectrum: its pooled spectrum would be exactly that.
+        """
+        rows, cols = mats[0].shape
+        win = powerlaw.farms_windows(rows, cols, self.cfg.farms_window, self.cfg.farms_aspect, self.cfg.farms_windows_per_dim)
+        fit = [i for i in range(len(mats)) if bool(finite[i]) and lam[i][-1] > 0 and lam[i].size >= self.cfg.min_evals]
+        if not fit:
+            return {}
+        if win.covers(rows, cols):
+            pooled = {i: lam[i] for i in fit}
+        else:
+            spectra = compute.window_eigenvalues([mats[i] for i in fit], win, self.device, self.dtype, self.cfg.method)
+            pooled = {i: powerlaw.pool_spectra([ev.clamp_min(0).numpy()]) for i, ev in zip(fit, spectra)}
+        return {i: {"tail_lam": ev, "max_candidates": powerlaw.FARMS_KS_CANDIDATES} for i, ev in pooled.items()}
 
     def _pairwise(
         self,
@@ -253,6 +272,7 @@ class _Run:
             numel=ref.numel,
             dtype=ref.dtype,
             tied_to=",".join(ref.tied_to),
+            alpha_estimator=self.cfg.alpha_estimator,
             status="pending",
             note="",
         )

@@ -31,9 +31,12 @@ SPECTRUM = [
     "mean_singular_value",
 ]
 TAIL = ["alpha_hill", "alpha", "alpha_xmin", "alpha_ks_distance", "alpha_weighted", "log_alpha_norm"]
+# which spectrum the TAIL columns were fitted on (hill: the matrix's own; farms: pooled windows),
+# on every row, so a metrics table read on its own says what its alphas are
+ESTIMATOR = ["alpha_estimator"]
 RMT = ["mp_sigma", "mp_bulk_max", "num_spikes", "mp_softrank", "snr", "rand_distance"]
 CROSS = ["ce_metric", "cs_metric"]
-COLUMNS = IDENTITY + SPECTRUM + TAIL + RMT + CROSS
+COLUMNS = IDENTITY + SPECTRUM + TAIL + ESTIMATOR + RMT + CROSS
 METRICS = SPECTRUM + TAIL + RMT + CROSS
 # the metrics most people read first; summaries and plots use these
 KEY_METRICS = [
@@ -89,6 +92,15 @@ class AnalysisResult:
         ok = self.ok.dropna(subset=["layer_index"])
         return _grouped(ok, "layer_index")
 
+    @property
+    def alpha_estimator(self) -> str:
+        """The estimator behind the alpha columns; analyses saved before it was recorded used hill."""
+        col = self.metrics["alpha_estimator"] if "alpha_estimator" in self.metrics else None
+        found = sorted({str(v) for v in col.dropna()}) if col is not None else []
+        if len(found) > 1:
+            raise ValueError(f"metrics table mixes alpha estimators {found}: analyze again with one")
+        return found[0] if found else str(self.config.get("alpha_estimator", "hill"))
+
     def digest(self) -> str:
         """Content hash of the metrics table; a plan records it to name the analysis it used."""
         csv = self.metrics.to_csv(index=False, float_format="%.10g")
@@ -104,6 +116,7 @@ class AnalysisResult:
             "n_parameters": int(m["numel"].sum()),
             "status_counts": {s: int(n) for s, n in m["status"].value_counts().items()},
             "n_tied": int((m["tied_to"] != "").sum()),
+            "alpha_estimator": self.alpha_estimator,
         }
         for c in KEY_METRICS + ["alpha_weighted", "log_norm", "log_spectral_norm", "rand_distance"]:
             vals = pd.to_numeric(ok[c], errors="coerce").astype(float)

@@ -58,14 +58,28 @@ def norm_metrics(lam: np.ndarray, rows: int, cols: int) -> dict[str, float]:
     }
 
 
-def tail_metrics(lam: np.ndarray, rows: int, cols: int, tw_margin: bool = False) -> dict[str, float]:
-    """Power-law and random-matrix fits; need enough eigenvalues to mean anything."""
+def tail_metrics(
+    lam: np.ndarray,
+    rows: int,
+    cols: int,
+    tw_margin: bool = False,
+    tail_lam: np.ndarray | None = None,
+    max_candidates: int | None = None,
+) -> dict[str, float]:
+    """Power-law and random-matrix fits; need enough eigenvalues to mean anything.
+
+    ``tail_lam`` (ascending) is the spectrum the power-law fits read when it is not the
+    matrix's own: the pooled window spectrum of the FARMS estimator. The alpha-derived
+    norms (alpha_weighted, log_alpha_norm) and the Marchenko-Pastur fit still use the
+    matrix's own eigenvalues: only the exponent changes with the estimator.
+    """
     lmax = float(lam[-1])
-    fit_lam = lam[lam > EVALS_THRESH]
+    src = lam if tail_lam is None else tail_lam
+    fit_lam = src[src > EVALS_THRESH]
     out: dict[str, float] = {}
     if fit_lam.size >= 2:
         med = powerlaw.fit_median(fit_lam)
-        ks = powerlaw.fit_ks(fit_lam)
+        ks = powerlaw.fit_ks(fit_lam, max_candidates=max_candidates)
     else:
         med = ks = powerlaw.PowerLawFit(math.nan, math.nan, math.nan, 0)
     out["alpha_hill"] = med.alpha

@@ -1,7 +1,7 @@
 """Plan: turn an analysis into per-layer fine-tuning decisions (rates, ranks, trainable set)."""
 
 from spectune.plan.apply import apply_trainable, match_names, param_groups
-from spectune.plan.build import plan, plan_table, policy_config
+from spectune.plan.build import decide, plan, plan_table, policy_config
 from spectune.plan.export import axolotl_fragment, peft_kwargs
 from spectune.plan.policies import POLICIES
 from spectune.plan.schema import LoraDecision, Plan, PlanError
@@ -13,6 +13,7 @@ __all__ = [
     "PlanError",
     "apply_trainable",
     "axolotl_fragment",
+    "decide",
     "match_names",
     "param_groups",
     "peft_kwargs",

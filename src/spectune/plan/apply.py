@@ -54,23 +54,31 @@ def param_groups(model: torch.nn.Module, plan: Plan, base_lr: float, weight_deca
     scale of the matrix in the same module under rule 'owner' (base rate if the
     module has none, e.g. a LayerNorm) and no weight decay, the usual transformers
     convention. Parameters the plan does not know (a freshly initialised task
-    head) train at the base rate.
+    head) train at the base rate. A matrix's weight decay is weight_decay times its
+    plan's ``wd_scale`` (1 where the plan sets none); an adapter (LoRA A/B) takes the
+    rate and decay multipliers of the layer it adapts.
     """
     all_names = [n for n, _ in model.named_parameters()]
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names = match_names(list(plan.lr_scale), all_names)
+    names = match_names(sorted(set(plan.lr_scale) | set(plan.wd_scale)), all_names)
     scale = {names[k]: v for k, v in plan.lr_scale.items()}
+    decay = {names[k]: v for k, v in plan.wd_scale.items()}
     groups = []
     for n, p in params:
-        s = scale.get(n)
-        if s is None and _ADAPTER.search(n):
-            s = scale.get(_ADAPTER.sub(".base_layer.weight", n), scale.get(_ADAPTER.sub(".weight", n)))
+        s, w = scale.get(n), decay.get(n)
+        if n not in scale and n not in decay and _ADAPTER.search(n):
+            layer = next((m for m in (_ADAPTER.sub(".base_layer.weight", n), _ADAPTER.sub(".weight", n))
+                          if m in scale or m in decay), None)
+            if layer is not None:
+                s, w = scale.get(layer), decay.get(layer)
         elif s is None and p.ndim < 2 and plan.one_d_rule == "owner":
             owner = n.rsplit(".", 1)[0] + ".weight"
             s = scale.get(owner, scale.get(n.rsplit(".", 1)[0] + ".base_layer.weight"))
         s = 1.0 if s is None else s
+        w = 1.0 if w is None else w
         groups.append(
-            {"params": [p], "name": n, "lr": base_lr * s, "lr_scale": s, "weight_decay": weight_decay if p.ndim >= 2 else 0.0}
+            {"params": [p], "name": n, "lr": base_lr * s, "lr_scale": s,
+             "weight_decay": weight_decay * w if p.ndim >= 2 else 0.0, "wd_scale": w if p.ndim >= 2 else 0.0}
         )
     return groups
 

@@ -28,29 +28,52 @@ def policy_config(policy: str, params: dict[str, Any] | PolicyConfig | None = No
         raise PlanError(f"invalid parameters for policy '{policy}':\n  " + "\n  ".join(lines) + f"\n  (known: {fields})") from None
 
 
+def decide(metrics: pd.DataFrame, policy: str, params: dict[str, Any] | PolicyConfig | None = None
+           ) -> tuple[PolicyConfig, Decisions]:
+    """One policy's validated config and decisions on a metrics table, ``normalize: mean`` applied.
+
+    What ``plan`` builds a Plan from, and what a policy that composes another one
+    (``by-type`` with ``like``, ``alpha-decay`` with ``rates``) calls, so the composed
+    policy's rates are exactly the ones its own plan would hold.
+    """
+    cfg = policy_config(policy, params)
+    _, make = POLICIES[policy]
+    d = make(metrics, cfg)
+    if isinstance(cfg, RateConfig) and cfg.normalize == "mean":
+        _normalize(d, metrics, cfg.max_scale)
+    return cfg, d
+
+
 def plan(analysis: AnalysisResult, policy: str = "uniform", params: dict[str, Any] | PolicyConfig | None = None,
          one_d_rule: str = "owner") -> Plan:
     """Decisions of ``policy`` for the analyzed model; pure: same analysis and params, same plan."""
     from spectune import __version__
 
-    cfg = policy_config(policy, params)
-    _, make = POLICIES[policy]
     metrics: pd.DataFrame = analysis.metrics
+    cfg = policy_config(policy, params)
     try:
-        d = make(metrics, cfg)
-        if isinstance(cfg, RateConfig) and cfg.normalize == "mean":
-            _normalize(d, metrics, cfg.max_scale)
+        estimator = analysis.alpha_estimator
+        _, d = decide(metrics, policy, cfg)
+    except PlanError:
+        raise
     except ValueError as err:
         raise PlanError(f"policy '{policy}': {err}") from err
+    lr = {k: round(float(v), 6) for k, v in sorted(d.lr_scale.items())}
+    wd = {k: round(float(v), 6) for k, v in sorted(d.wd_scale.items())}
     return Plan(
         spectune_version=__version__,
         model=analysis.source,
         analysis_digest=analysis.digest(),
+        alpha_estimator=estimator,
         policy=policy,
         params=cfg.model_dump(mode="json"),
-        min_scale=d.min_scale,
-        max_scale=d.max_scale,
-        lr_scale={k: round(float(v), 6) for k, v in sorted(d.lr_scale.items())},
+        # a bound like 10 ** 0.5 can sit a rounding step inside the stored (6-digit) scale it bounds
+        min_scale=min([d.min_scale, *lr.values()]),
+        max_scale=max([d.max_scale, *lr.values()]),
+        wd_min_scale=min([d.wd_min_scale, *wd.values()]),
+        wd_max_scale=max([d.wd_max_scale, *wd.values()]),
+        lr_scale=lr,
+        wd_scale=wd,
         one_d_rule=one_d_rule,
         trainable=d.trainable,
         lora=d.lora,
@@ -83,6 +106,7 @@ def plan_table(p: Plan, analysis: AnalysisResult | None = None) -> pd.DataFrame:
             {
                 "name": n,
                 "lr_scale": p.lr_scale.get(n, 1.0),
+                "wd_scale": p.decay_scale(n),
                 "trainable": (p.trainable is None) or (n in p.trainable),
                 "lora_rank": rank.get(mod),
                 "excluded": n in p.excluded,
@@ -91,5 +115,6 @@ def plan_table(p: Plan, analysis: AnalysisResult | None = None) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if analysis is not None and not df.empty:
         keep = ["name", "module_type", "layer_index", "svd_metric", "ce_metric", "cs_metric", "alpha_hill", "num_spikes", "snr", "stable_rank"]
+        keep = [c for c in keep if c in analysis.metrics]
         df = df.merge(analysis.metrics[keep], on="name", how="left")
     return df

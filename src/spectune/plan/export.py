@@ -67,4 +67,8 @@ def axolotl_fragment(plan: Plan, base_lr: float | None = None) -> str:
             for s, mods in sorted(groups.items())
         ]
     header = f"# spectune plan: policy {plan.policy}, model {plan.model}, analysis {plan.analysis_digest}\n"
+    if set(plan.wd_scale.values()) - {1.0}:
+        # axolotl has no per-module weight decay key: say so rather than drop the decisions silently
+        header += ("# note: this plan's per-matrix weight-decay multipliers (wd_scale) have no axolotl equivalent; "
+                   "train with spectune (param_groups) to apply them\n")
     return header + yaml.safe_dump(out, sort_keys=False, width=120)

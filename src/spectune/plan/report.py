@@ -22,13 +22,16 @@ def write_plan_report(plan: Plan, analysis: AnalysisResult, path: str | Path) ->
     plots_dir = path.parent / f"{path.stem}_plots"
     figs = []
     drawable = table.assign(status="ok", lora_rank=pd.to_numeric(table["lora_rank"], errors="coerce"))
-    for col in ("lr_scale", "lora_rank"):
+    for col in ("lr_scale", "wd_scale", "lora_rank"):
         if drawable[col].notna().any() and drawable[col].nunique() > 1:
             figs.append((col, plot_depth(drawable, col, plots_dir / f"{col}.png")))
     esc = html.escape
     params = ", ".join(f"{k}={v}" for k, v in plan.params.items())
+    decay = (f"; weight-decay multiplier bounds [{plan.wd_min_scale}, {plan.wd_max_scale}]"
+             if plan.wd_scale and set(plan.wd_scale.values()) != {1.0} else "; weight decay: base value everywhere")
     parts = [
-        f"<p>parameters: {esc(params) or '(defaults)'}; scale bounds [{plan.min_scale}, {plan.max_scale}]</p>",
+        f"<p>parameters: {esc(params) or '(defaults)'}; scale bounds [{plan.min_scale}, {plan.max_scale}]"
+        f"{esc(decay)}; alpha estimator of the analysis: {esc(plan.alpha_estimator)}</p>",
         "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in plan.notes) + "</ul>",
     ]
     if plan.excluded:

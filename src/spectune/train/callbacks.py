@@ -156,11 +156,15 @@ class ReplanCallback(TrainerCallback):
         with grads_for(model, self.always):
             groups = scale_groups(param_groups(model, new, 1.0, self.weight_decay), self.adapters, self.adapter_ratio)
             scales = {g["name"]: g["lr_scale"] for g in groups}
+            # weight decay = base decay x the new plan's wd_scale (1-D parameters keep 0), as param_groups gives it
+            decays = {g["name"]: (g["weight_decay"], g["wd_scale"]) for g in groups}
         sched = getattr(lr_scheduler, "scheduler", lr_scheduler)
         lambdas = getattr(sched, "lr_lambdas", None)
         for i, group in enumerate(optimizer.param_groups):
             s = scales.get(group.get("name"), group.get("lr_scale", 1.0))
             group["lr_scale"] = s
+            if group.get("name") in decays:
+                group["weight_decay"], group["wd_scale"] = decays[group["name"]]
             if sched is not None:
                 sched.base_lrs[i] = self.base_lr * s
                 factor = lambdas[i](sched.last_epoch) if lambdas else 1.0

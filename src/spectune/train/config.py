@@ -84,6 +84,16 @@ class EvalSection(_Section):
         default_factory=lambda: ["train", "validation", "test"],
         description="splits evaluated after training; a hyper-parameter search leaves out test",
     )
+    chunk_mb: int = Field(
+        64, ge=1,
+        description="causal LM: MiB of float32 logits one cross-entropy chunk may hold (evaluation memory "
+        "no longer grows with batch x vocabulary)",
+    )
+    fused_cross_entropy: Literal["auto", "torch", "liger"] = Field(
+        "auto",
+        description="causal LM evaluation's cross-entropy: liger (Liger Kernel's fused linear cross-entropy, "
+        "CUDA only), torch (chunked head), auto (liger when on CUDA with liger-kernel installed, else torch)",
+    )
 
 
 class OutputSection(_Section):

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_utils import speed_metrics
 
 from spectune import _io
 from spectune.analyze import analyze
@@ -28,7 +33,8 @@ from spectune._config import first_difference
 from spectune.train import callbacks as cb
 from spectune.train.checkpoints import CheckpointError, MarkComplete, checkpoints, last_checkpoint
 from spectune.train.config import TrainConfig
-from spectune.train.data import TextSplits, load_data
+from spectune.train.data import DataError, TextSplits, load_data
+from spectune.train.evaluate import IGNORE_INDEX, evaluate_lm
 from spectune.train.methods import SwitchAdapters, apply_method, count_trainable, inject_switch_adapters
 
 
@@ -43,14 +49,60 @@ class RunResult:
     plans: list[str] = field(default_factory=list)
 
 
-class SpectralTrainer(Trainer):
-    """A Trainer whose optimizer groups come from a plan, and which stops on a non-finite loss."""
+@contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Run a block without moving the global random streams (Python, NumPy, torch CPU and CUDA).
 
-    def __init__(self, *args: Any, group_fn: Any = None, guard: cb.StopOnNonFinite | None = None, **kw: Any) -> None:
+    The training draws from the global streams (the data loader's worker seed each epoch,
+    dropout in every step). Evaluation (its data loader draws a seed; a model left with
+    dropout would draw more), logging and the spectral analysis run between steps; inside
+    this block what they draw is given back afterwards, so the training's draws are the
+    same whatever they do. Checkpoints save the global state between steps, which is then
+    exactly the training's, so a resumed run continues the same streams.
+    """
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+class IsolatedCallbackHandler(CallbackHandler):
+    """Every callback event runs in ``isolated_rng``: re-planning, spectral tracking, logging and a user's
+    callbacks cannot shift the training's random draws (a seed fixes the training whatever they do)."""
+
+    @classmethod
+    def replacing(cls, handler: CallbackHandler) -> "IsolatedCallbackHandler":
+        new = cls(handler.callbacks, handler.model, handler.processing_class, handler.optimizer, handler.lr_scheduler)
+        new.train_dataloader, new.eval_dataloader = handler.train_dataloader, handler.eval_dataloader
+        return new
+
+    def call_event(self, event: str, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        with isolated_rng():
+            return super().call_event(event, args, state, control, **kwargs)
+
+
+SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_tokens_per_second")
+
+
+class SpectralTrainer(Trainer):
+    """A Trainer whose optimizer groups come from a plan, which stops on a non-finite loss, whose
+    causal-LM evaluation is per-token NLL in bounded memory, and whose evaluation and callbacks
+    leave the training's random streams untouched."""
+
+    def __init__(self, *args: Any, group_fn: Any = None, guard: cb.StopOnNonFinite | None = None,
+                 lm_eval: bool = False, chunk_bytes: int = 64 * 2**20, fused: str = "auto", **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.group_fn = group_fn
         self.guard = guard
         self.initial_scale = 1.0  # parameter-weighted mean rate scale of the first optimizer groups
+        self.lm_eval = lm_eval
+        self.chunk_bytes = chunk_bytes
+        self.fused = fused
+        self.callback_handler = IsolatedCallbackHandler.replacing(self.callback_handler)
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         # built here (not passed in) so accelerate/FSDP see the wrapped model's own parameters
@@ -68,6 +120,30 @@ class SpectralTrainer(Trainer):
         if self.guard is not None and self.guard.bad_step is None and not torch.isfinite(loss.detach()).all():
             self.guard.bad_step = self.state.global_step + 1
         return loss
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Evaluation that draws nothing from the training's random streams; per-token NLL for causal LM."""
+        with isolated_rng():
+            if not self.lm_eval or isinstance(eval_dataset, dict):
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            return self._evaluate_lm(eval_dataset, metric_key_prefix)
+
+    def _evaluate_lm(self, eval_dataset: Any, prefix: str) -> dict[str, float]:
+        """``evaluate_lm`` over the Trainer's own evaluation loader (sharded across processes), logged like
+        the Trainer's evaluation: ``{prefix}_loss`` is the mean NLL per predicted token, not per batch."""
+        loader = self.get_eval_dataloader(eval_dataset)
+        start = time.time()
+        result = evaluate_lm(self.model, (self._prepare_inputs(b) for b in loader),
+                             gather=self.accelerator.gather_for_metrics, context=self.autocast_smart_context_manager,
+                             chunk_bytes=self.chunk_bytes, fused=self.fused)
+        metrics: dict[str, Any] = result.metrics(prefix)
+        metrics.update(speed_metrics(prefix, start, num_samples=result.rows, num_steps=len(loader),
+                                     num_tokens=result.tokens))
+        metrics[f"{prefix}_method"] = result.method
+        self.log({k: v for k, v in metrics.items() if not isinstance(v, str)})
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
 
 # --- model and tokenizer ------------------------------------------------------------------------
@@ -137,6 +213,28 @@ def collator(task: str, tok: Any) -> Any:
     if task == "classification":
         return DataCollatorWithPadding(tok)
     return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+
+
+def drop_untargeted(data: dict[str, Any], needed: list[str]) -> dict[str, int]:
+    """Drop causal-LM rows with no predicted token, in place; return how many each split lost.
+
+    A prompt that fills ``max_length`` leaves its response truncated away; such a row
+    has nothing to score. Kept, it would add nothing to an evaluation and could make a
+    training batch's loss 0/0 (NaN). It is dropped and counted instead, and a split of
+    ``needed`` left with no row at all stops the run before training, naming the split.
+    """
+    skipped: dict[str, int] = {}
+    for split, ds in data.items():
+        keep = [any(y != IGNORE_INDEX for y in lab[1:]) for lab in ds["labels"]]  # the first token is never predicted
+        skipped[split] = len(keep) - sum(keep)
+        if skipped[split]:
+            data[split] = ds.select([i for i, k in enumerate(keep) if k])
+        if split in needed and len(data[split]) == 0:
+            raise DataError(
+                f"split {split!r}: none of its {len(keep)} rows has a token left to predict after truncation to "
+                "model.max_length (prompts fill it, so every response is cut away); raise model.max_length or "
+                "shorten the prompts")
+    return skipped
 
 
 def compute_metrics_fn(task: str) -> Any:
@@ -224,6 +322,11 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         raise ValueError(f"model.task={task} but the data is for {splits.task}")
     model, tok = load_model(cfg, task, len(splits.label_names or []) or None)
     data = tokenize(splits, tok, cfg.model.max_length)
+    skipped: dict[str, int] = {}
+    if task == "causal_lm":
+        # validation is evaluated during training, and sizes the training subset evaluated at the end
+        uses_validation = cfg.eval.every != "no" or "train" in cfg.eval.final_splits
+        skipped = drop_untargeted(data, ["train", *cfg.eval.final_splits] + (["validation"] if uses_validation else []))
 
     steps_per_epoch = math.ceil(len(data["train"]) / (cfg.train.batch_size * cfg.train.grad_accum * world))
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(steps_per_epoch * cfg.train.epochs)
@@ -322,6 +425,9 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         callbacks=callbacks,
         group_fn=group_fn if plan is not None else None,
         guard=guard,
+        lm_eval=task == "causal_lm",
+        chunk_bytes=cfg.eval.chunk_mb * 2**20,
+        fused=cfg.eval.fused_cross_entropy,
     )
     if task == "classification":
         # the classification loss is a per-batch mean that ignores num_items_in_batch: without this the
@@ -344,15 +450,21 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
             f"Last good checkpoint: {good if good else 'none (no checkpoint was saved before the divergence)'}"
         )
 
-    results: dict[str, Any] = {"train_loss": train_out.training_loss}
+    # One name per figure: the training's own loss, time and throughput keep the Trainer's names
+    # (training_loss, train_runtime_s, ...). The final evaluations log under "final_<split>" (in
+    # metrics.jsonl the training subset's evaluation would otherwise log a second train_runtime);
+    # their quality figures become <split>_loss, ... in metrics, their timing goes under evaluation.<split>.
+    results: dict[str, Any] = {"training_loss": train_out.training_loss}
+    evaluation: dict[str, dict[str, Any]] = {}
     for split in cfg.eval.final_splits:
         ds = data[split] if split != "train" else data["train"].select(range(min(len(data["train"]), len(data["validation"]))))
-        m = trainer.evaluate(ds, metric_key_prefix=split)
-        results.update(m)
-        if task == "causal_lm" and f"{split}_loss" in m:
-            results[f"{split}_perplexity"] = math.exp(min(m[f"{split}_loss"], 50))
-    for k in ("loss", "accuracy", "macro_f1"):
-        if f"train_{k}" in results and f"test_{k}" in results and k != "loss":
+        prefix = f"final_{split}"
+        m = {split + k[len(prefix):]: v for k, v in trainer.evaluate(ds, metric_key_prefix=prefix).items()
+             if k.startswith(prefix + "_")}
+        evaluation[split] = _evaluation_record(m, split, len(ds))
+        results.update({k: v for k, v in m.items() if k.startswith(f"{split}_") and _is_metric(k, split)})
+    for k in ("accuracy", "macro_f1"):
+        if f"train_{k}" in results and f"test_{k}" in results:
             results[f"gap_{k}"] = results[f"train_{k}"] - results[f"test_{k}"]
     if "train_loss" in results and "test_loss" in results:
         results["gap_loss"] = results["test_loss"] - results["train_loss"]
@@ -377,6 +489,10 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         "switched_matrices": list(switcher.switched) if switcher else None,
         "wall_time_s": time.perf_counter() - t0,
         "train_runtime_s": train_out.metrics.get("train_runtime"),
+        "train_samples_per_second": train_out.metrics.get("train_samples_per_second"),
+        "train_steps_per_second": train_out.metrics.get("train_steps_per_second"),
+        "evaluation": evaluation,
+        "skipped_rows": skipped,
         "analysis_time_s": cache.get("seconds", 0.0),
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
@@ -385,7 +501,8 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         "mean_lr_scale": float(np.mean([trainer.initial_scale] + [h["mean_lr_scale"] for h in replanner.history]))
         if replanner else trainer.initial_scale,
         "plans": [h["plan"] for h in replanner.history] if replanner else [],
-        "data": splits.description,
+        "data": splits.description + (
+            f"; dropped rows with no token left to predict after truncation: {skipped}" if any(skipped.values()) else ""),
         "config_changes": config_changes + _earlier_changes(run_dir),
     }
     if main:
@@ -401,6 +518,28 @@ def _earlier_changes(run_dir: Path) -> list[str]:
     if not path.exists():
         return []
     return list(json.loads(path.read_text()).get("config_changes") or [])
+
+
+_EVAL_FIELDS = ("rows", "rows_without_targets", "method")
+
+
+def _is_metric(key: str, split: str) -> bool:
+    """A quality figure of a split (loss, accuracy, perplexity, tokens): not its timing or bookkeeping."""
+    rest = key[len(split) + 1:]
+    return not key.endswith(SPEED_SUFFIXES) and rest not in _EVAL_FIELDS
+
+
+def _evaluation_record(m: dict[str, Any], split: str, rows: int) -> dict[str, Any]:
+    """One split's evaluation time, throughput and bookkeeping, under names that cannot collide with training's."""
+    out: dict[str, Any] = {"rows": rows}
+    for suffix, name in (("_runtime", "runtime_s"), ("_samples_per_second", "samples_per_second"),
+                         ("_steps_per_second", "steps_per_second"), ("_tokens_per_second", "tokens_per_second")):
+        if f"{split}{suffix}" in m:
+            out[name] = m[f"{split}{suffix}"]
+    for f in _EVAL_FIELDS:
+        if f"{split}_{f}" in m:
+            out[f] = m[f"{split}_{f}"]
+    return out
 
 
 def training_arguments(cfg: TrainConfig, output_dir: Path, total_steps: int, world: int = 1) -> TrainingArguments:

@@ -7,7 +7,17 @@ from typing import Any
 
 import pandas as pd
 
-from spectune.plan.policies import adaptive_rank, alpha_balance, phased, random_select, select, stable_rank, uniform
+from spectune.plan.policies import (
+    adaptive_rank,
+    alpha_balance,
+    alpha_decay,
+    by_type,
+    phased,
+    random_select,
+    select,
+    stable_rank,
+    uniform,
+)
 from spectune.plan.policies._common import Decisions, PolicyConfig
 
 POLICIES: dict[str, tuple[type[PolicyConfig], Callable[[pd.DataFrame, Any], Decisions]]] = {
@@ -18,6 +28,8 @@ POLICIES: dict[str, tuple[type[PolicyConfig], Callable[[pd.DataFrame, Any], Deci
     "select": (select.SelectConfig, select.make),
     "random-select": (random_select.RandomSelectConfig, random_select.make),
     "stable-rank": (stable_rank.StableRankConfig, stable_rank.make),
+    "alpha-decay": (alpha_decay.AlphaDecayConfig, alpha_decay.make),
+    "by-type": (by_type.ByTypeConfig, by_type.make),
 }
 
 __all__ = ["POLICIES", "Decisions", "PolicyConfig"]

@@ -1,4 +1,4 @@
-"""Shared pieces of the policies: what a policy returns, and min-max normalisation."""
+"""Shared pieces of the policies: what a policy returns, min-max normalisation, transformer blocks."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ class Decisions:
     lr_scale: dict[str, float] = field(default_factory=dict)
     min_scale: float = 0.0
     max_scale: float = 1.0
+    wd_scale: dict[str, float] = field(default_factory=dict)  # weight-decay multipliers; absent = 1
+    wd_min_scale: float = 1.0
+    wd_max_scale: float = 1.0
     trainable: list[str] | None = None
     lora: LoraDecision | None = None
     notes: list[str] = field(default_factory=list)
@@ -102,3 +105,18 @@ def normalize_mean(scales: dict[str, float], sizes: dict[str, float], cap: float
     for n, v in zip(names, s):
         out[n] = float(min(c * v, cap))
     return out
+
+
+def weighted_mean(values: dict[str, float], sizes: dict[str, float]) -> float:
+    """Parameter-weighted mean of per-matrix values (plain mean when no size is known)."""
+    names = list(values)
+    w = np.array([max(float(sizes.get(n, 0) or 0), 0.0) for n in names])
+    v = np.array([values[n] for n in names], dtype=float)
+    if not len(v):
+        return float("nan")
+    return float(np.sum(w * v) / w.sum()) if w.sum() > 0 else float(v.mean())
+
+
+def sizes_of(metrics: pd.DataFrame) -> dict[str, float]:
+    """Parameter count of every matrix in the table (what a weighted mean weighs by)."""
+    return dict(zip(metrics["name"], pd.to_numeric(metrics["numel"], errors="coerce").fillna(0).astype(float)))
