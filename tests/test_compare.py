@@ -161,7 +161,8 @@ def test_grid_runs_keeps_failures_and_resumes_only_missing_cells(assets, tmp_pat
     assert json.loads((cell_dir(cfg, "toy", "full", 0) / "summary.json").read_text())["metrics"]["test_accuracy"] >= 0
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples" / "compare").glob("*.yaml")))
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples" / "compare").glob("*.yaml"))
+                         + sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml")))
 def test_example_comparisons_are_valid(path):  # type: ignore[no-untyped-def]
     cfg = load_compare_config(path)
     assert cfg.baseline in cfg.methods and len(cfg.seeds) >= 3

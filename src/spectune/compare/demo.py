@@ -9,7 +9,7 @@ over 3 seeds.
 
 The rates are not guessed: each method trains at the base rate its own
 equal-budget search chose on TREC's validation split (4 trials x 2 search seeds,
-grid 5e-5 .. 4e-4; ``examples/compare/minilm-tuned.yaml``, recorded in
+grid 5e-5 .. 4e-4; ``experiments/minilm-tuned.yaml``, recorded in
 docs/results.md). All three chose 2e-4. The demo does not search again (that is
 the 12-minute part); it reruns the final seeds, which read the test split.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 from spectune.compare.config import CompareConfig, load_compare_config
 
-# chosen by the recorded search of examples/compare/minilm-tuned.yaml (task trec): train.lr per method
+# chosen by the recorded search of experiments/minilm-tuned.yaml (task trec): train.lr per method
 TUNED_LR = {"full-uniform": 2.0e-4, "full-alpha-balance": 2.0e-4, "full-phased-mean": 2.0e-4}
 
 DEMO: dict[str, Any] = {
