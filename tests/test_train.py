@@ -303,3 +303,9 @@ def test_resume_skips_a_broken_checkpoint_and_names_the_file_when_none_is_usable
     (broken / "checkpoints" / "checkpoint-3" / MARKER).unlink()
     with pytest.raises(CheckpointError, match=r"checkpoint-3: spectune_complete.json is missing"):
         run(_cfg(assets, broken, **over), resume=True)
+
+
+def test_a_run_plans_and_replans_with_the_configured_alpha_estimator(assets, tmp_path):  # type: ignore[no-untyped-def]
+    run(_cfg(assets, tmp_path / "run", plan={"policy": "alpha-balance", "alpha_estimator": "farms"}, train={"epochs": 2}))
+    plans = sorted((tmp_path / "run" / "plans").glob("*.yaml"))
+    assert len(plans) == 2 and all(yaml.safe_load(p.read_text())["alpha_estimator"] == "farms" for p in plans)

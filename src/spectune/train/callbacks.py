@@ -32,10 +32,10 @@ STATE_FILE = "spectune_state.json"
 
 
 def _analysis(model: torch.nn.Module, cache: dict[str, Any], step: int) -> Any:
-    """One analysis per global step, shared by the re-planner and the tracker."""
+    """One analysis per global step, shared by the re-planner and the tracker (``cache["options"]``: analysis options)."""
     if cache.get("step") != step:
         t = time.perf_counter()
-        cache["result"] = analyze(model, progress=False)
+        cache["result"] = analyze(model, progress=False, **cache.get("options", {}))
         cache["step"] = step
         cache["seconds"] = cache.get("seconds", 0.0) + time.perf_counter() - t
     return cache["result"]

@@ -47,6 +47,9 @@ class PlanSection(_Section):
     replan: Literal["never", "epoch", "steps"] = Field("epoch", description="when to re-analyze and re-plan")
     replan_every_steps: int = Field(0, ge=0)
     one_d_rule: Literal["owner", "base"] = "owner"
+    alpha_estimator: Literal["hill", "farms"] = Field(
+        "hill", description="the spectrum alpha is fitted on for the plan and every re-plan: hill (the matrix's own) "
+        "or farms (fixed-aspect-ratio windows pooled; see docs/alpha-estimators.md)")
     switch_to_light: bool = Field(
         False,
         description="time-aware calibration (seed 001): train everything in full, then switch each of the plan's "

@@ -343,7 +343,8 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         params = dict(cfg.plan.params)
         if cfg.plan.policy == "phased":
             params["epoch"] = 0
-        plan = make_plan(analyze(model, progress=False), cfg.plan.policy, params, one_d_rule=cfg.plan.one_d_rule)
+        plan = make_plan(analyze(model, progress=False, alpha_estimator=cfg.plan.alpha_estimator), cfg.plan.policy, params,
+                         one_d_rule=cfg.plan.one_d_rule)
     if plan is not None:
         match_names(list(plan.lr_scale), [n for n, _ in model.named_parameters()])  # fail before training
         if main and not resume:
@@ -377,7 +378,7 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     if trainable == 0:
         raise ValueError("nothing to train: the method and plan leave no parameter with requires_grad")
 
-    cache: dict[str, Any] = {}
+    cache: dict[str, Any] = {"options": {"alpha_estimator": cfg.plan.alpha_estimator}}
     metrics_log = cb.MetricsLog(run_dir / "metrics.jsonl")
     guard = cb.StopOnNonFinite()
     callbacks: list[Any] = [metrics_log, guard]
