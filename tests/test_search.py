@@ -153,3 +153,19 @@ def test_choose_follows_the_metric_direction_and_breaks_ties_by_trial_number():
     ppl = trials.assign(value=[12.0, 10.5, 9.0, 11.0, 1.0])
     assert choose(ppl, maximize=False)["number"] == 1  # perplexity: lower is better
     assert choose(trials[trials["state"] != "COMPLETE"], maximize=True) is None
+
+
+def test_epoch_pruning_reports_each_epochs_validation(assets, tmp_path):  # type: ignore[no-untyped-def]
+    data = _cfg(assets, tmp_path / "ep", pruner="median", prune_on="epoch")
+    data["methods"] = {"full": {}}
+    cfg = load_compare_config(data)
+    found = run_search(cfg)
+    assert len(found.trials) == 3 and set(found.trials["state"]) <= {"COMPLETE", "PRUNED"}
+    import optuna
+
+    from spectune.compare.search import open_study
+
+    study = open_study(cfg, "toy", "full")
+    steps = [sorted(t.intermediate_values) for t in study.trials if t.state.name == "COMPLETE"]
+    assert steps and all(s == [1, 2] for s in steps)  # one report per epoch of the (single) search seed
+    assert isinstance(study.pruner, optuna.pruners.MedianPruner)

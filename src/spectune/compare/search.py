@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import threading
 import time
 import zlib
@@ -35,7 +36,7 @@ import pandas as pd
 
 from spectune import _io
 from spectune._claim import holder_gone, worker_id
-from spectune.compare.config import METRIC_DIRECTION, CompareConfig, ParamSpace, cell_data
+from spectune.compare.config import METRIC_DIRECTION, CompareConfig, ParamSpace, cell_data, merge
 
 SEARCH_DIR = "search"
 CHOSEN_FILE = "chosen.json"
@@ -357,14 +358,10 @@ class TrialRunner:
             extra: dict[str, Any] = {"output": {"dir": str(folder)}, "eval": {"final_splits": ["validation"]}}
             if search.prune_on == "epoch":
                 extra["eval"]["every"] = "epoch"
-            from spectune.compare.config import merge
-
             tc = load_config(merge(data, extra))
-            callbacks = [_EpochReporter(trial, i, self.metric)] if search.prune_on == "epoch" else []
+            callbacks = [epoch_reporter(trial, i, self.metric)] if search.prune_on == "epoch" else []
             if not summary.exists():
                 if folder.exists():
-                    import shutil
-
                     shutil.rmtree(folder)  # a half-run search cell keeps no checkpoints: start it over
                 run(tc, extra_callbacks=callbacks)
             metrics = json.loads(summary.read_text())["metrics"]
@@ -378,24 +375,24 @@ class TrialRunner:
         return float(np.mean(list(scores.values())))
 
 
-class _EpochReporter:
-    """A Trainer callback reporting each epoch's validation metric to the trial, and pruning on it."""
+def epoch_reporter(trial: Any, seed_index: int, metric: str) -> Any:
+    """A Trainer callback that reports each epoch's validation metric to the trial and prunes on it."""
+    import optuna
+    from transformers import TrainerCallback
 
-    def __new__(cls, trial: Any, seed_index: int, metric: str) -> Any:
-        import optuna
-        from transformers import TrainerCallback
+    class EpochReporter(TrainerCallback):
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                        **kw: Any) -> None:
+            value = (metrics or {}).get(f"eval_{metric}")
+            if value is None and metric == "perplexity" and metrics and "eval_loss" in metrics:
+                value = math.exp(min(float(metrics["eval_loss"]), 50))
+            if value is None:
+                return
+            trial.report(float(value), seed_index * 1000 + int(round(state.epoch or 0)))
+            if trial.should_prune():
+                raise optuna.TrialPruned()
 
-        class Reporter(TrainerCallback):
-            def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kw: Any) -> None:
-                key = f"eval_{metric}" if metric != "perplexity" else "eval_loss"
-                if not metrics or key not in metrics:
-                    return
-                value = float(metrics[key]) if metric != "perplexity" else math.exp(min(float(metrics[key]), 50))
-                trial.report(value, seed_index * 1000 + int(round(state.epoch or 0)))
-                if trial.should_prune():
-                    raise optuna.TrialPruned()
-
-        return Reporter()
+    return EpochReporter()
 
 
 def run_study(cfg: CompareConfig, task: str, method: str, on_line: Callable[[str], None] | None = None,
