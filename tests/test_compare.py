@@ -143,6 +143,17 @@ def test_grid_runs_keeps_failures_and_resumes_only_missing_cells(assets, tmp_pat
         check_exact=False, atol=1e-6,
     )  # the retrained cell reproduces its first result: same seed, same rows
 
+    # a cell written before a config key existed is read back as it is (the key takes its default)
+    import yaml
+
+    stored = cell_dir(cfg, "toy", "full", 0) / "config.yaml"
+    older = yaml.safe_load(stored.read_text())
+    del older["eval"]["chunk_mb"]
+    stored.write_text(yaml.safe_dump(older, sort_keys=False))
+    before = summaries[next(c for c in summaries if c.method == "full" and c.seed == 0)].stat().st_mtime_ns
+    run_grid(cfg, progress=False)
+    assert summaries[next(c for c in summaries if c.method == "full" and c.seed == 0)].stat().st_mtime_ns == before
+
     # an edited comparison refuses to reuse cells trained under the old config, naming the key
     edited = _grid(assets, tmp_path / "cmp", base={**cfg.base, "train": {**cfg.base["train"], "lr": 5e-4}})
     with pytest.raises(StaleCell, match="train.lr: was 0.001, now 0.0005"):

@@ -93,17 +93,19 @@ def run_cell(cfg: CompareConfig, cell: Cell, values: dict[str, Any] | None = Non
     ``values`` are the search's chosen values for the cell's task and method (dotted paths).
     """
     from spectune.train.checkpoints import CheckpointError
+    from spectune.train.config import stored_config_yaml
     from spectune.train.trainer import last_checkpoint, required_state, run
 
     folder = cell_dir(cfg, cell.task, cell.method, cell.seed)
     summary_path = folder / "summary.json"
     train_cfg = cell_config(cfg, cell.task, cell.method, cell.seed, values)
     stored = folder / "config.yaml"
-    if stored.exists() and stored.read_text() != train_cfg.to_yaml():
+    was = stored_config_yaml(stored.read_text()) if stored.exists() else None
+    if was is not None and was != train_cfg.to_yaml():
         # an edited comparison must not silently reuse (or resume) cells trained under the old one
         raise StaleCell(
             f"{folder} was trained with a different config than the comparison now gives this cell "
-            f"({first_difference(stored.read_text(), train_cfg.to_yaml())}); "
+            f"({first_difference(was, train_cfg.to_yaml())}); "
             "delete that folder to retrain it, or choose another output_dir"
         )
     if summary_path.exists():

@@ -135,3 +135,16 @@ class TrainConfig(_Section):
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
     """Read, override (``key.path=value``) and validate a training configuration."""
     return load_model(TrainConfig, source, overrides, what="training config")
+
+
+def stored_config_yaml(text: str) -> str:
+    """A config.yaml written by an earlier spectune, read back through today's schema.
+
+    Keys added since then take their defaults, so a run is compared with a new
+    config on what it was given, not on fields it never knew. A stored config that
+    today's schema rejects (a removed key) is returned as it is, and then differs.
+    """
+    try:
+        return load_config(yaml.safe_load(text)).to_yaml()
+    except Exception:  # noqa: BLE001 - unreadable under today's schema: compare the text as it is
+        return text

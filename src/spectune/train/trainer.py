@@ -32,7 +32,7 @@ from spectune.plan import Plan, match_names, param_groups, plan as make_plan
 from spectune._config import first_difference
 from spectune.train import callbacks as cb
 from spectune.train.checkpoints import CheckpointError, MarkComplete, checkpoints, last_checkpoint
-from spectune.train.config import TrainConfig
+from spectune.train.config import TrainConfig, stored_config_yaml
 from spectune.train.data import DataError, TextSplits, load_data
 from spectune.train.evaluate import IGNORE_INDEX, evaluate_lm
 from spectune.train.methods import SwitchAdapters, apply_method, count_trainable, inject_switch_adapters
@@ -280,9 +280,10 @@ def required_state(cfg: TrainConfig) -> list[str]:
 def _check_resumed_config(cfg: TrainConfig, run_dir: Path, ckpt: Path, allow_change: bool) -> list[str]:
     """Refuse a resume under another config (naming the first differing key) unless allowed; then record it."""
     stored = run_dir / "config.yaml"
-    if not stored.exists() or stored.read_text() == cfg.to_yaml():
+    was = stored_config_yaml(stored.read_text()) if stored.exists() else None
+    if was is None or was == cfg.to_yaml():
         return []
-    change = first_difference(stored.read_text(), cfg.to_yaml())
+    change = first_difference(was, cfg.to_yaml())
     if not allow_change:
         raise ConfigChanged(
             f"--resume: the config differs from the one {run_dir} was started with ({change}); resume with the "
