@@ -303,15 +303,7 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     t0 = time.perf_counter()
     world, main = _world()
     run_dir = Path(cfg.output.dir)
-    # Every rank checks the folder before any rank writes to it. No rank can write a
-    # checkpoint before all ranks have joined the first training step, so the ranks
-    # see the same checkpoints here and agree on refusing (or resuming).
-    ckpt = last_checkpoint(run_dir, required_state(cfg)) if resume else None
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    if not resume and checkpoints(run_dir):
-        raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another output.dir")
-    config_changes = _check_resumed_config(cfg, run_dir, ckpt, allow_config_change) if ckpt is not None else []
+    ckpt, config_changes = _check_run_dir(cfg, run_dir, resume, allow_config_change)
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
         _io.write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -332,20 +324,7 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     steps_per_epoch = math.ceil(len(data["train"]) / (cfg.train.batch_size * cfg.train.grad_accum * world))
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(steps_per_epoch * cfg.train.epochs)
 
-    # the plan: from the base weights (or a fixed file), restored from the checkpoint on resume.
-    # Every rank computes it from the same files and seed, so every rank holds the same plan.
-    plan: Plan | None = None
-    planned_epoch = 0
-    if ckpt is not None:
-        plan, planned_epoch = cb.restore_plan_state(ckpt)
-    if plan is None and cfg.plan.file:
-        plan = Plan.load(cfg.plan.file)
-    if plan is None and cfg.plan.policy:
-        params = dict(cfg.plan.params)
-        if cfg.plan.policy == "phased":
-            params["epoch"] = 0
-        plan = make_plan(analyze(model, progress=False, alpha_estimator=cfg.plan.alpha_estimator), cfg.plan.policy, params,
-                         one_d_rule=cfg.plan.one_d_rule)
+    plan, planned_epoch = _initial_plan(cfg, model, ckpt)
     if plan is not None:
         match_names(list(plan.lr_scale), [n for n, _ in model.named_parameters()])  # fail before training
         if main and not resume:
@@ -452,24 +431,8 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
             f"Last good checkpoint: {good if good else 'none (no checkpoint was saved before the divergence)'}"
         )
 
-    # One name per figure: the training's own loss, time and throughput keep the Trainer's names
-    # (training_loss, train_runtime_s, ...). The final evaluations log under "final_<split>" (in
-    # metrics.jsonl the training subset's evaluation would otherwise log a second train_runtime);
-    # their quality figures become <split>_loss, ... in metrics, their timing goes under evaluation.<split>.
-    results: dict[str, Any] = {"training_loss": train_out.training_loss}
-    evaluation: dict[str, dict[str, Any]] = {}
-    for split in cfg.eval.final_splits:
-        ds = data[split] if split != "train" else data["train"].select(range(min(len(data["train"]), len(data["validation"]))))
-        prefix = f"final_{split}"
-        m = {split + k[len(prefix):]: v for k, v in trainer.evaluate(ds, metric_key_prefix=prefix).items()
-             if k.startswith(prefix + "_")}
-        evaluation[split] = _evaluation_record(m, split, len(ds))
-        results.update({k: v for k, v in m.items() if k.startswith(f"{split}_") and _is_metric(k, split)})
-    for k in ("accuracy", "macro_f1"):
-        if f"train_{k}" in results and f"test_{k}" in results:
-            results[f"gap_{k}"] = results[f"train_{k}"] - results[f"test_{k}"]
-    if "train_loss" in results and "test_loss" in results:
-        results["gap_loss"] = results["test_loss"] - results["train_loss"]
+    results, evaluation = _final_metrics(trainer, data, cfg.eval.final_splits)
+    results = {"training_loss": train_out.training_loss, **results, **generalization_gaps(results)}
     if main:
         metrics_log.write({"step": trainer.state.global_step, "kind": "final", **results})
     trainable_end, _ = count_trainable(model)
@@ -510,6 +473,68 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     if main:
         _io.write_json(run_dir / "summary.json", summary)
     return RunResult(run_dir=run_dir, metrics=results, plans=summary["plans"])
+
+
+def _check_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, allow_change: bool) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from (None for a fresh run) and the recorded config changes; refuses what would mix runs.
+
+    Every rank checks the folder before any rank writes to it. No rank can write a
+    checkpoint before all ranks have joined the first training step, so the ranks
+    see the same checkpoints here and agree on refusing (or resuming).
+    """
+    ckpt = last_checkpoint(run_dir, required_state(cfg)) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    if not resume and checkpoints(run_dir):
+        raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another output.dir")
+    return ckpt, (_check_resumed_config(cfg, run_dir, ckpt, allow_change) if ckpt is not None else [])
+
+
+def _initial_plan(cfg: TrainConfig, model: torch.nn.Module, ckpt: Path | None) -> tuple[Plan | None, int]:
+    """The plan and planned epoch a run starts with: restored from the checkpoint on resume, else a fixed
+    file, else the policy on the base weights. Every rank computes it from the same files and seed, so
+    every rank holds the same plan."""
+    if ckpt is not None:
+        plan, planned_epoch = cb.restore_plan_state(ckpt)
+        if plan is not None:
+            return plan, planned_epoch
+    if cfg.plan.file:
+        return Plan.load(cfg.plan.file), 0
+    if not cfg.plan.policy:
+        return None, 0
+    params = dict(cfg.plan.params)
+    if cfg.plan.policy == "phased":
+        params["epoch"] = 0
+    result = analyze(model, progress=False, alpha_estimator=cfg.plan.alpha_estimator)
+    return make_plan(result, cfg.plan.policy, params, one_d_rule=cfg.plan.one_d_rule), 0
+
+
+def _final_metrics(trainer: Trainer, data: dict[str, Any], splits: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each split's quality figures (``<split>_loss``, ...) and, apart, its evaluation time and bookkeeping.
+
+    One name per figure: the final evaluations log under ``final_<split>`` (in metrics.jsonl
+    the training subset's evaluation would otherwise log a second ``train_runtime``); the
+    training subset is as large as the validation split.
+    """
+    results: dict[str, Any] = {}
+    evaluation: dict[str, dict[str, Any]] = {}
+    for split in splits:
+        ds = data[split] if split != "train" else data["train"].select(range(min(len(data["train"]), len(data["validation"]))))
+        prefix = f"final_{split}"
+        m = {split + k[len(prefix):]: v for k, v in trainer.evaluate(ds, metric_key_prefix=prefix).items()
+             if k.startswith(prefix + "_")}
+        evaluation[split] = _evaluation_record(m, split, len(ds))
+        results.update({k: v for k, v in m.items() if k.startswith(f"{split}_") and _is_metric(k, split)})
+    return results, evaluation
+
+
+def generalization_gaps(results: dict[str, Any]) -> dict[str, float]:
+    """Train minus test for accuracy and macro-F1 (higher is better), test minus train for loss."""
+    gaps = {f"gap_{k}": results[f"train_{k}"] - results[f"test_{k}"]
+            for k in ("accuracy", "macro_f1") if f"train_{k}" in results and f"test_{k}" in results}
+    if "train_loss" in results and "test_loss" in results:
+        gaps["gap_loss"] = results["test_loss"] - results["train_loss"]
+    return gaps
 
 
 def _earlier_changes(run_dir: Path) -> list[str]:
