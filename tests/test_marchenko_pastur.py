@@ -198,3 +198,37 @@ def test_spectrum_snr_by_hand():
 def test_spectrum_snr_no_noise_is_inf():
     # all singular values equal: IQR = 0, threshold 0, everything is "signal"
     assert spectral.spectrum_snr(np.full(16, 2.0), 32, 16) == math.inf
+
+
+# --- the default spike rule, measured over many draws (issue 11) ------------------------------
+
+RATE_SHAPES = [(128, 128), (1024, 128), (128, 1024), (512, 256), (768, 768), (2048, 256)]  # square to 1:8
+DRAWS = 40
+
+
+def bbp_threshold(rows: int, cols: int, sigma: float) -> float:
+    """Signal singular value above which a rank-one spike separates from the bulk: sigma (N M)^(1/4)."""
+    return sigma * (rows * cols) ** 0.25
+
+
+@pytest.mark.parametrize("rows,cols", RATE_SHAPES)
+def test_default_rule_keeps_false_spikes_under_5_percent_and_finds_planted_ones(rows, cols):
+    false_spike, exact = 0, 0
+    for draw in range(DRAWS):
+        rng = np.random.default_rng(draw)
+        w = 0.05 * rng.standard_normal((rows, cols))
+        false_spike += mp.fit_mp(eigs(w), rows, cols).num_spikes > 0  # the default rule
+        k = 3
+        u = np.linalg.qr(rng.standard_normal((rows, k)))[0]
+        v = np.linalg.qr(rng.standard_normal((cols, k)))[0]
+        strength = 2.0 * bbp_threshold(rows, cols, 0.05) * np.linspace(1.0, 1.5, k)
+        exact += mp.fit_mp(eigs(w + (u * strength) @ v.T), rows, cols).num_spikes == k
+    assert false_spike / DRAWS <= 0.05
+    assert exact / DRAWS >= 0.95
+
+
+def test_the_plain_edge_is_the_rule_that_invents_spikes():
+    """The reason for the default: without the margin, pure noise shows spikes well above 5% of the time."""
+    hits = sum(mp.fit_mp(eigs(0.05 * np.random.default_rng(d).standard_normal((1024, 128))), 1024, 128,
+                         tw_margin=False).num_spikes > 0 for d in range(DRAWS))
+    assert hits / DRAWS > 0.05

@@ -70,7 +70,8 @@ def analyze(
     dtype: Annotated[str, typer.Option(help="spectrum precision: float64 | float32")] = "float64",
     method: Annotated[str, typer.Option(help="gram (eigvalsh of W^T W) | svd (svdvals)")] = "gram",
     randomize: Annotated[bool, typer.Option(help="also compute rand_distance")] = False,
-    tw_margin: Annotated[bool, typer.Option(help="Tracy-Widom margin above the MP edge")] = False,
+    tw_margin: Annotated[bool, typer.Option(help="Tracy-Widom margin above the MP edge (off: the plain edge, which "
+                                            "invents spikes in pure noise)")] = True,
     ce_mode: Annotated[str, typer.Option(help="histogram | elementwise")] = "histogram",
     alpha_estimator: Annotated[str, typer.Option(help="alpha fits on the matrix's spectrum (hill) or on pooled "
                                                       "fixed-aspect-ratio windows (farms)")] = "hill",

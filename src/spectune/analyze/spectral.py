@@ -62,7 +62,7 @@ def tail_metrics(
     lam: np.ndarray,
     rows: int,
     cols: int,
-    tw_margin: bool = False,
+    tw_margin: bool = True,
     tail_lam: np.ndarray | None = None,
     max_candidates: int | None = None,
 ) -> dict[str, float]:
