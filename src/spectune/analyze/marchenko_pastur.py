@@ -67,7 +67,7 @@ def fit_mp(lam: np.ndarray, rows: int, cols: int, tw_margin: bool = True) -> MPF
 
     The Tracy-Widom margin is on by default: the sample's largest noise eigenvalue
     fluctuates above the asymptotic edge by O(M^-2/3), so the plain edge calls a
-    spike in 5-25% of pure-noise draws (measured: 128x128 to 2048x256, 40 draws each);
+    spike in 12-30% of pure-noise draws (measured: 128x128 to 4096x1024, 20-40 draws each);
     with WeightWatcher's margin it is 0-2.5%, and spikes at twice the BBP threshold
     are still counted exactly (tests/test_marchenko_pastur.py measures both rates).
     """
