@@ -12,6 +12,7 @@ from spectune.plan.policies import (
     alpha_balance,
     alpha_decay,
     by_type,
+    layer_pattern,
     phased,
     random_select,
     select,
@@ -30,6 +31,7 @@ POLICIES: dict[str, tuple[type[PolicyConfig], Callable[[pd.DataFrame, Any], Deci
     "stable-rank": (stable_rank.StableRankConfig, stable_rank.make),
     "alpha-decay": (alpha_decay.AlphaDecayConfig, alpha_decay.make),
     "by-type": (by_type.ByTypeConfig, by_type.make),
+    "layer-pattern": (layer_pattern.LayerPatternConfig, layer_pattern.make),
 }
 
 __all__ = ["POLICIES", "Decisions", "PolicyConfig"]
