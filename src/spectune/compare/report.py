@@ -123,7 +123,7 @@ def findings(pairs: pd.DataFrame, summary: pd.DataFrame | None = None) -> list[s
     return out
 
 
-def analyse(df: pd.DataFrame, cfg: CompareConfig) -> dict[str, pd.DataFrame]:
+def comparison_tables(df: pd.DataFrame, cfg: CompareConfig) -> dict[str, pd.DataFrame]:
     """The tables a report shows, from the tidy results."""
     summary = summarize(df, cfg.metric)
     pairs = paired(df, {m: baseline_of(cfg, m) for m in cfg.methods}, cfg.metric, cfg.tie_tolerance)
@@ -242,7 +242,7 @@ def write_report(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, comm
     ``search`` (a SearchResult) adds the chosen values, the score-against-rate plots and the trial table.
     """
     out = Path(out_dir)
-    tables = tables if tables is not None else analyse(df, cfg)
+    tables = tables if tables is not None else comparison_tables(df, cfg)
     write_tables(tables, out)
     summary, pairs = tables["summary"], tables["paired"]
     plots = out / "plots"
@@ -303,7 +303,7 @@ def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, co
     docs as it is (docs/results.md is one).
     """
     out = Path(out_dir)
-    tables = tables if tables is not None else analyse(df, cfg)
+    tables = tables if tables is not None else comparison_tables(df, cfg)
     rows = pd.DataFrame(console_rows(tables["summary"], tables["paired"]))
     lines = [f"# {md_escape(cfg.name)}", ""]
     if command:

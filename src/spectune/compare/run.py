@@ -14,7 +14,7 @@ import pandas as pd
 
 from spectune.compare.config import CompareConfig
 from spectune.compare.grid import Cell, run_grid
-from spectune.compare.report import analyse, write_markdown, write_report
+from spectune.compare.report import comparison_tables, write_markdown, write_report
 from spectune.compare.search import SearchPerTask, SearchResult, run_search
 
 
@@ -84,7 +84,7 @@ def compare(cfg: CompareConfig, progress: bool = True, command: str | None = Non
 
 
 def _write(cfg: CompareConfig, df: pd.DataFrame, command: str | None, search: SearchResult | None) -> Comparison:
-    tables = analyse(df, cfg)
+    tables = comparison_tables(df, cfg)
     report = write_report(df, cfg, cfg.output_dir, command=command, tables=tables, search=search)
     write_markdown(df, cfg, cfg.output_dir, command=command, tables=tables, search=search)
     return Comparison(results=df, tables=tables, report=report, search=search)
