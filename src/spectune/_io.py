@@ -63,6 +63,13 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return Path(path)
 
 
+def write_parquet(path: str | os.PathLike[str], df: Any) -> Path:
+    """A pandas table as parquet, atomically (no index: the tables here are tidy rows)."""
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return Path(path)
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
 

@@ -143,8 +143,7 @@ class AnalysisResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).unlink(missing_ok=True)
-        with _io.atomic_path(out / "metrics.parquet") as tmp:
-            self.metrics.to_parquet(tmp, index=False)
+        _io.write_parquet(out / "metrics.parquet", self.metrics)
         with _io.atomic_path(out / "metrics.csv") as tmp:
             self.metrics.to_csv(tmp, index=False)
         _io.write_json(out / "summary.json", self.summary())

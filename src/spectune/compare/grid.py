@@ -151,8 +151,7 @@ def tidy(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def save_results(df: pd.DataFrame, out_dir: str | Path) -> None:
     out = Path(out_dir)
-    with _io.atomic_path(out / f"{RESULTS}.parquet") as tmp:
-        df.to_parquet(tmp, index=False)
+    _io.write_parquet(out / f"{RESULTS}.parquet", df)
     _io.write_text(out / f"{RESULTS}.csv", df.to_csv(index=False))
 
 

@@ -77,8 +77,7 @@ def transform_model(source: str, dest: Path, types: list[str], layers: list[int]
     model.save_pretrained(dest, safe_serialization=True)
     AutoTokenizer.from_pretrained(path).save_pretrained(dest)
     log = pd.DataFrame(rows)
-    with _io.atomic_path(log_path) as tmp:
-        log.to_parquet(tmp, index=False)
+    _io.write_parquet(log_path, log)
     _io.write_json(dest / SETTINGS, settings)  # last: its presence marks a complete folder
     return log
 

@@ -73,8 +73,7 @@ def cell_movement(cd: CellData) -> pd.DataFrame:
         rows.append({**info, **matrix_movement(before[name], w1)})
     df = pd.DataFrame(rows)
     df["layer_index"] = df["layer_index"].astype("Int64")
-    with _io.atomic_path(cache) as tmp:
-        df.to_parquet(tmp, index=False)
+    _io.write_parquet(cache, df)
     return df
 
 

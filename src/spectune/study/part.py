@@ -26,6 +26,5 @@ class Part:
     def save_tables(self, folder: Path) -> None:
         """Every table as parquet (types kept) and CSV (for a spreadsheet), written atomically."""
         for name, df in self.tables.items():
-            with _io.atomic_path(folder / f"{name}.parquet") as tmp:
-                df.to_parquet(tmp, index=False)
+            _io.write_parquet(folder / f"{name}.parquet", df)
             _io.write_text(folder / f"{name}.csv", df.to_csv(index=False))

@@ -59,8 +59,7 @@ def run_study(name: str, config: str | Path | dict[str, Any], out_dir: str | Pat
     table = claims_mod.evaluate(evidence, cfg, out / "figures")
     wanted = set(STUDIES[name])
     table = table[table["study"].isin(wanted)].reset_index(drop=True)
-    with _io.atomic_path(out / "claims.parquet") as tmp:
-        table.to_parquet(tmp, index=False)
+    _io.write_parquet(out / "claims.parquet", table)
     _io.write_text(out / "claims.csv", table.to_csv(index=False))
     rule = RULE.format(conf=cfg.claims.confidence)
     _io.write_text(out / "claims.md", f"# Claims: {cfg.name} ({name})\n\n{rule}\n\n" + claims_mod.to_markdown(table))

@@ -216,8 +216,7 @@ class SpectralTracker(TrainerCallback):
             table = pd.read_parquet(self.path)
             kept = table[table["step"] <= step]
             if len(kept) < len(table):  # points recorded after the checkpoint are recorded again
-                with _io.atomic_path(self.path) as tmp:
-                    kept.to_parquet(tmp, index=False)
+                _io.write_parquet(self.path, kept)
             self.frames.append(kept)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -238,8 +237,7 @@ class SpectralTracker(TrainerCallback):
         df.insert(0, "step", int(step))
         self.frames = [f for f in self.frames if not (f["step"] == step).all()] + [df]
         table = pd.concat(self.frames, ignore_index=True)
-        with _io.atomic_path(self.path) as tmp:
-            table.to_parquet(tmp, index=False)
+        _io.write_parquet(self.path, table)
         if self.writer is not None:
             for _, row in df.iterrows():
                 for m in cols[3:]:
