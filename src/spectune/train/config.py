@@ -25,12 +25,19 @@ class ModelConfig(_Section):
     task: Literal["auto", "classification", "causal_lm"] = "auto"
     trust_remote_code: bool = False
     max_length: int = Field(128, ge=8, description="tokens per example")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="weights' dtype when loading: auto = the checkpoint's own (config dtype) where the hardware runs "
+        "it, else float32; float16 needs CUDA (an explicit request on CPU is an error)")
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template for data.format: chat; replaces the tokenizer's own (needed when "
+        "the model ships none)")
 
 
 class MethodConfig(_Section):
     """How weights are trained; a plan may then narrow or re-weight it."""
 
-    kind: Literal["full", "lora", "rslora", "dora", "adalora", "ia3", "prompt_tuning", "bitfit", "frozen"] = "full"
+    kind: Literal["full", "lora", "rslora", "dora", "qlora", "adalora", "ia3", "prompt_tuning", "bitfit", "frozen"] = "full"
     r: int = Field(8, ge=1, description="LoRA/AdaLoRA rank (init rank for AdaLoRA)")
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -38,6 +45,10 @@ class MethodConfig(_Section):
     adalora_target_r: int = Field(4, ge=1)
     num_virtual_tokens: int = Field(16, ge=1)
     train_head: bool = Field(True, description="keep a new task head (classifier) trainable under PEFT methods")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: bitsandbytes 4-bit data type of the base weights")
+    double_quant: bool = Field(True, description="qlora: quantize the quantization constants too (about 0.4 bit/weight saved)")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="qlora: dtype the 4-bit weights are dequantized to for each matmul")
 
 
 class PlanSection(_Section):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import importlib.util
 import os
 import re
@@ -86,6 +87,11 @@ class DataConfig(BaseModel):
     seed: int = 0
     # Token block length for plain-text LM chunking; applied by the trainer's tokenizer step.
     block_size: int = Field(128, ge=1)
+    # plain: text (and response) tokenized as they are; chat: each row becomes a conversation rendered with the
+    # tokenizer's chat template, and only the assistant's tokens carry the loss (see spectune.train.chat).
+    format: Literal["plain", "chat"] = "plain"
+    # chat format: a column holding a list of {role, content} turns (used instead of text/response when present).
+    messages_column: str = "messages"
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -95,6 +101,8 @@ class DataConfig(BaseModel):
             )
         if self.name is not None and self.name not in BUILTIN:
             raise ValueError(f"unknown built-in dataset {self.name!r}; available: {', '.join(BUILTIN)}")
+        if self.format == "chat" and self.task == "classification":
+            raise ValueError("`format: chat` is for causal language modelling; `task: classification` cannot use it")
         if self.label_names is not None and (len(set(self.label_names)) != len(self.label_names) or len(self.label_names) < 2):
             raise ValueError("`label_names` must hold at least two distinct names")
         return self
@@ -105,7 +113,9 @@ class TextSplits:
     """Fixed splits ready for tokenization.
 
     Columns: ``text`` and ``label`` (int64, 0..k-1) for classification; ``text`` and, for
-    instruction pairs, ``response`` for causal LM.
+    instruction pairs, ``response`` for causal LM. With ``format: chat`` and a messages
+    column, ``text`` holds each conversation as JSON (a list of {role, content} turns),
+    so cleaning, de-duplication and splitting treat a conversation as one text.
     """
 
     task: Task
@@ -369,6 +379,21 @@ def _read_user(cfg: DataConfig) -> _Raw:
             if df is not None and column not in df.columns:
                 raise DataError(f"{where}: {role} column {column!r} not found in split {split!r}; columns: {list(df.columns)}")
 
+    if cfg.format == "chat" and cfg.messages_column in columns:
+        for split, df in splits.items():
+            if df is not None:
+                need(cfg.messages_column, "messages")
+        conv = {split: None if df is None else pd.DataFrame({"text": _messages_json(df[cfg.messages_column], where, split,
+                                                                                        cfg.messages_column)})
+                for split, df in splits.items()}
+        return _Raw("causal_lm", conv["train"], conv["test"], conv["validation"], None, where,  # type: ignore[arg-type]
+                    f"user conversations ({cfg.messages_column!r}) from {path.name}")
+    if cfg.format == "chat" and cfg.response_column is None:
+        raise DataError(f"{where}: data.format chat needs a messages column ({cfg.messages_column!r}, set by "
+                        f"data.messages_column) or instruction/response columns (data.response_column); columns: {columns}")
+    if cfg.text_column not in columns and cfg.messages_column in columns:
+        raise DataError(f"{where}: text column {cfg.text_column!r} not found, but a {cfg.messages_column!r} column is: "
+                        "set data.format: chat to train on conversations")
     need(cfg.text_column, "text")
     # A non-default label column means the user wants classification: a typo must not silently
     # become language modelling. (Compared by value, not by fields_set, so a dumped and reloaded
@@ -395,6 +420,42 @@ def _read_user(cfg: DataConfig) -> _Raw:
 
     return _Raw(task, canon(first), canon(splits["test"]), canon(splits["validation"]),  # type: ignore[arg-type]
                 cfg.label_names or class_names, where, f"user data from {path.name}")
+
+
+def _messages_json(column: pd.Series, where: str, split: str, name: str) -> pd.Series:
+    """Each conversation checked and stored as canonical JSON text (missing cells stay missing, then dropped).
+
+    A conversation is a list of {role, content} turns with string roles and contents and
+    at least one assistant turn (nothing to learn otherwise); anything else is an error
+    naming the column, split and row, so a malformed file stops before a model is loaded.
+    """
+    out: list[str | None] = []
+    for i, value in enumerate(column.tolist()):
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            out.append(None)
+            continue
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: messages column {name!r}, split {split!r}, row {i}: not a list of turns "
+                                f"(a string that is not JSON: {err})") from err
+        if isinstance(value, np.ndarray):  # parquet / datasets give arrays of dicts
+            value = value.tolist()
+        if not isinstance(value, list) or not value:
+            raise DataError(f"{where}: messages column {name!r}, split {split!r}, row {i}: expected a non-empty list of "
+                            f"{{role, content}} turns, got {type(value).__name__}")
+        turns = []
+        for j, turn in enumerate(value):
+            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+                raise DataError(f"{where}: messages column {name!r}, split {split!r}, row {i}, turn {j}: each turn needs "
+                                f"a string 'role' and a string 'content', got {turn!r}"[:400])
+            turns.append({"role": turn["role"], "content": turn["content"]})
+        if not any(t["role"] == "assistant" for t in turns):
+            raise DataError(f"{where}: messages column {name!r}, split {split!r}, row {i}: no 'assistant' turn, so no "
+                            "token would carry the loss")
+        out.append(json.dumps(turns, ensure_ascii=False))
+    return pd.Series(out, index=column.index, dtype=object)
 
 
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
@@ -557,6 +618,9 @@ def load_data(cfg: DataConfig) -> TextSplits:
     where = raw.source if cfg.path is None else str(cfg.path)
     if cfg.task is not None and cfg.task != task:
         raise DataError(f"{cfg.name or cfg.path}: task {cfg.task!r} requested but this data is {task!r}")
+    if cfg.format == "chat" and cfg.path is None and (task != "causal_lm" or "response" not in raw.train.columns):
+        raise DataError(f"{cfg.name}: data.format chat needs conversations or instruction/response pairs; this built-in "
+                        "dataset has neither (movie-dialog has pairs)")
     notes: list[str] = []
     frames = {split: _clean(df, split, notes)
               for split, df in (("train", raw.train), ("validation", raw.validation), ("test", raw.test)) if df is not None}

@@ -19,7 +19,8 @@ from spectune.train.config import MethodConfig
 
 # linear layers inside the blocks, by the names the common families use
 DEFAULT_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|query|key|value|dense|c_attn|c_proj|c_fc)$"
-PEFT_KINDS = {"lora", "rslora", "dora", "adalora", "ia3", "prompt_tuning"}
+PEFT_KINDS = {"lora", "rslora", "dora", "qlora", "adalora", "ia3", "prompt_tuning"}
+HEAD_NAMES = ("classifier", "score", "pre_classifier")  # new task heads, by the names the common families use
 
 
 def task_type(task: str) -> str:
@@ -31,7 +32,7 @@ def head_modules(model: torch.nn.Module, task: str) -> list[str]:
     if task != "classification":
         return []
     names = {n.split(".")[0] for n, _ in model.named_parameters()}
-    return [h for h in ("classifier", "score", "pre_classifier") if h in names]
+    return [h for h in HEAD_NAMES if h in names]
 
 
 def _targets(model: torch.nn.Module, cfg: MethodConfig) -> list[str] | str:
@@ -65,6 +66,8 @@ def apply_method(model: torch.nn.Module, cfg: MethodConfig, task: str, plan: Pla
         for n, p in model.named_parameters():
             p.requires_grad_(n.endswith(".bias") or n.split(".")[0] in heads)
     elif cfg.kind in PEFT_KINDS:
+        if cfg.kind == "qlora":
+            model = _prepare_4bit(model, plan)
         model = _peft(model, cfg, task, plan, heads, total_steps)
     else:  # pragma: no cover - pydantic restricts kind
         raise ValueError(cfg.kind)
@@ -72,6 +75,49 @@ def apply_method(model: torch.nn.Module, cfg: MethodConfig, task: str, plan: Pla
         if cfg.kind == "full" or cfg.kind in PEFT_KINDS:
             _train_planned_matrices(model, plan)
     return model
+
+
+def _prepare_4bit(model: torch.nn.Module, plan: Plan | None) -> torch.nn.Module:
+    """A 4-bit model (loaded with bitsandbytes by the trainer) made ready for LoRA: PEFT's own preparation.
+
+    ``prepare_model_for_kbit_training`` freezes the base, keeps the remaining float
+    parameters (norms, embeddings, head) in float32 for stable updates and lets the
+    input embeddings pass gradients. Gradient checkpointing stays off, as in every other
+    method here. A plan that trains a 4-bit matrix in full cannot be followed (packed
+    bytes have no gradient): that is refused, naming the matrices.
+    """
+    import peft
+
+    if not getattr(model, "is_loaded_in_4bit", False):
+        raise ValueError("method.kind=qlora: the model was not loaded in 4-bit (load it through spectune.train's "
+                         "load_model, which passes the bitsandbytes config)")
+    if plan is not None and plan.trainable:
+        names = [n for n, _ in model.named_parameters()]
+        packed = {n for n, p in model.named_parameters() if not p.dtype.is_floating_point}
+        hit = sorted(m for m in match_names(plan.trainable, names).values() if m in packed)
+        if hit:
+            raise ValueError(
+                f"method.kind=qlora: the plan trains {len(hit)} 4-bit matrices in full ({', '.join(hit[:3])}"
+                f"{', ...' if len(hit) > 3 else ''}), but quantized weights have no gradient; use method.kind=lora, "
+                "or a plan whose trainable set holds only unquantized matrices")
+    _keep_cpu_4bit_differentiable(model)
+    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _keep_cpu_4bit_differentiable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference at the first evaluation.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50.2) converts a ``Linear4bit`` weight to
+    an inference layout on its first eval-mode forward and never converts it back; the
+    training steps after that evaluation then run ``gemv_4bit``, which has no autograd
+    kernel, so the gradient through every base matmul is silently wrong (torch only
+    warns). Turning the module's switch off keeps the training layout throughout.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _train_planned_matrices(model: torch.nn.Module, plan: Plan) -> None:
@@ -91,7 +137,7 @@ def _peft(model: torch.nn.Module, cfg: MethodConfig, task: str, plan: Plan | Non
     if heads:
         common["modules_to_save"] = heads
     kind = cfg.kind
-    if kind in ("lora", "rslora", "dora"):
+    if kind in ("lora", "rslora", "dora", "qlora"):
         if plan is not None and plan.lora is not None:
             names = match_names([t + ".weight" for t in plan.lora.target_modules], [n for n, _ in model.named_parameters()])
             rename = {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in names.items()}

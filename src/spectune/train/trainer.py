@@ -153,7 +153,94 @@ def model_path(name: str) -> str:
     return str(resolve(name)) if name in ALIASES else name
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _device() -> str:
+    """Where this process trains: its CUDA device under a launcher, else the CPU (as the Trainer decides)."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+
+
+def _supports(dtype: torch.dtype, device: str) -> bool:
+    """Whether the hardware trains in ``dtype``: float16 needs CUDA (CPU kernels and the Trainer's loss scaler
+    do not cover it), bfloat16 runs on every CPU torch supports and on CUDA devices that report it."""
+    if dtype == torch.float32:
+        return True
+    if device == "cpu":
+        return dtype == torch.bfloat16
+    return dtype == torch.float16 or torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(cfg: TrainConfig, path: str, device: str | None = None) -> torch.dtype:
+    """The dtype the weights are loaded in, from ``model.dtype``; refuses what this hardware cannot train.
+
+    ``auto`` takes the checkpoint's own dtype (its config's ``dtype`` / ``torch_dtype``)
+    where the hardware runs it, else float32 with a warning naming both (a float16
+    checkpoint on CPU). An explicit request the hardware cannot run is an error naming
+    ``model.dtype``: training would otherwise fail later in a kernel with a message that
+    says nothing about the config.
+    """
+    import warnings
+
+    from transformers import AutoConfig
+
+    device = device or _device()
+    want = cfg.model.dtype
+    if want == "auto":
+        conf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+        stored = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None)
+        dtype = getattr(torch, stored) if isinstance(stored, str) else stored
+        if dtype not in _DTYPES.values():
+            return torch.float32
+        if not _supports(dtype, device):
+            warnings.warn(f"model.dtype auto: the checkpoint is {str(dtype).removeprefix('torch.')}, which {device} "
+                          "cannot train; loading it in float32 instead", stacklevel=2)
+            return torch.float32
+        return dtype
+    dtype = _DTYPES[want]
+    if not _supports(dtype, device):
+        raise ValueError(f"model.dtype={want}: {device} cannot train in {want} (float16 needs a CUDA GPU, bfloat16 a "
+                         "GPU that supports it); use bfloat16 or float32 on CPU, or auto")
+    return dtype
+
+
+def quantization_config(cfg: TrainConfig, task: str, device: str) -> Any:
+    """bitsandbytes 4-bit settings for ``method.kind: qlora``; an error naming the reason where 4-bit cannot run.
+
+    bitsandbytes runs 4-bit on CPU since its multi-backend releases (0.50.2 was checked:
+    NF4 with double quantisation, forward and LoRA backward). Whether the installed
+    build does is tested here on one small tensor, so an old or broken install is
+    reported before a model is loaded, not as a failure inside the first matmul.
+    """
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ValueError("method.kind=qlora needs bitsandbytes, which is not installed: pip install "
+                         "'spectune[qlora]' (or pip install bitsandbytes)") from err
+    if cfg.method.compute_dtype == "float16" and device == "cpu":
+        raise ValueError("method.compute_dtype=float16: the CPU cannot compute in float16; use bfloat16 or float32")
+    try:
+        probe = torch.randn(64, 64, device=device)
+        packed, state = bnb.functional.quantize_4bit(probe, quant_type=cfg.method.quant_type,
+                                                     compress_statistics=cfg.method.double_quant)
+        bnb.functional.dequantize_4bit(packed, state)
+    except Exception as err:  # noqa: BLE001 - any failure means this build cannot quantize here; say why
+        raise ValueError(f"method.kind=qlora: bitsandbytes {bnb.__version__} cannot run 4-bit on {device}: "
+                         f"{type(err).__name__}: {err}") from err
+    from spectune.train.methods import HEAD_NAMES
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=cfg.method.quant_type, bnb_4bit_use_double_quant=cfg.method.double_quant,
+        bnb_4bit_compute_dtype=_DTYPES[cfg.method.compute_dtype],
+        # a new classification head starts random and trains in full: it must stay a float matrix
+        llm_int8_skip_modules=list(HEAD_NAMES) + ["lm_head"] if task == "classification" else None,
+    )
+
+
 def load_model(cfg: TrainConfig, task: str, num_labels: int | None) -> tuple[torch.nn.Module, Any]:
+    """The task model in ``model.dtype`` (4-bit base weights under qlora) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = model_path(cfg.model.name)
@@ -162,7 +249,17 @@ def load_model(cfg: TrainConfig, task: str, num_labels: int | None) -> tuple[tor
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    kw = {"trust_remote_code": cfg.model.trust_remote_code, "dtype": torch.float32}
+    if cfg.data.format == "chat":
+        from spectune.train.chat import ensure_template
+
+        ensure_template(tok, cfg.model.chat_template, cfg.model.name)
+    elif cfg.model.chat_template is not None:
+        tok.chat_template = cfg.model.chat_template  # saved with final/ for generation, though plain data ignores it
+    device = _device()
+    kw: dict[str, Any] = {"trust_remote_code": cfg.model.trust_remote_code, "dtype": resolve_dtype(cfg, path, device)}
+    if cfg.method.kind == "qlora":
+        kw["quantization_config"] = quantization_config(cfg, task, device)
+        kw["device_map"] = {"": device}  # bitsandbytes quantizes while loading, on the device it will run on
     if task == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kw)
         if model.config.pad_token_id is None:
@@ -175,12 +272,28 @@ def load_model(cfg: TrainConfig, task: str, num_labels: int | None) -> tuple[tor
 # --- data ---------------------------------------------------------------------------------------
 
 
-def tokenize(splits: TextSplits, tok: Any, max_length: int) -> dict[str, Any]:
-    """Token ids per split; causal LM responses are the only supervised tokens when present."""
+def tokenize(splits: TextSplits, tok: Any, max_length: int, fmt: str = "plain") -> dict[str, Any]:
+    """Token ids per split; causal LM responses are the only supervised tokens when present.
+
+    ``fmt="chat"`` renders each row (a conversation, or an instruction/response pair as
+    one user and one assistant turn) with the tokenizer's chat template, and supervises
+    the assistant's tokens alone (``spectune.train.chat``).
+    """
     def cls_fn(batch: dict[str, list]) -> dict[str, Any]:
         out = tok(batch["text"], truncation=True, max_length=max_length)
         out["labels"] = batch["label"]
         return out
+
+    def chat_fn(batch: dict[str, list]) -> dict[str, Any]:
+        from spectune.train.chat import conversation, tokenize_chat
+
+        responses = batch.get("response") or [None] * len(batch["text"])
+        ids, labels = [], []
+        for text, resp in zip(batch["text"], responses):
+            i, lab = tokenize_chat(tok, conversation(text, resp), max_length)
+            ids.append(i)
+            labels.append(lab)
+        return {"input_ids": ids, "attention_mask": [[1] * len(s) for s in ids], "labels": labels}
 
     def lm_fn(batch: dict[str, list]) -> dict[str, Any]:
         if "response" in batch and batch["response"] is not None:
@@ -199,7 +312,7 @@ def tokenize(splits: TextSplits, tok: Any, max_length: int) -> dict[str, Any]:
             blocks += [ids[i : i + max_length] for i in range(0, len(ids), max_length) if len(ids[i : i + max_length]) >= 8]
         return {"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks], "labels": [list(b) for b in blocks]}
 
-    fn = cls_fn if splits.task == "classification" else lm_fn
+    fn = cls_fn if splits.task == "classification" else chat_fn if fmt == "chat" else lm_fn
     out = {}
     for name in ("train", "validation", "test"):
         ds = getattr(splits, name)
@@ -309,12 +422,17 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         _io.write_text(run_dir / "config.yaml", cfg.to_yaml())
     set_seed(cfg.train.seed)
 
+    if cfg.method.kind == "qlora" and cfg.plan.policy and cfg.plan.replan != "never":
+        # the analysis of a loaded model skips 4-bit matrices (packed bytes), so a re-plan would see no candidate
+        raise ValueError(f"plan.replan={cfg.plan.replan} with method.kind=qlora: re-planning analyzes the training "
+                         "model, whose 4-bit matrices the analysis cannot read yet; set plan.replan: never (the first "
+                         "plan is made from the checkpoint's own weights)")
     splits = load_data(cfg.data)
     task = splits.task if cfg.model.task == "auto" else cfg.model.task
     if task != splits.task:
         raise ValueError(f"model.task={task} but the data is for {splits.task}")
     model, tok = load_model(cfg, task, len(splits.label_names or []) or None)
-    data = tokenize(splits, tok, cfg.model.max_length)
+    data = tokenize(splits, tok, cfg.model.max_length, cfg.data.format)
     skipped: dict[str, int] = {}
     if task == "causal_lm":
         # validation is evaluated during training, and sizes the training subset evaluated at the end
@@ -505,7 +623,10 @@ def _initial_plan(cfg: TrainConfig, model: torch.nn.Module, ckpt: Path | None) -
     params = dict(cfg.plan.params)
     if cfg.plan.policy == "phased":
         params["epoch"] = 0
-    result = analyze(model, progress=False, alpha_estimator=cfg.plan.alpha_estimator)
+    # a 4-bit model's matrices are packed bytes the analysis skips: qlora plans from the checkpoint's own weights,
+    # read one tensor at a time from the folder
+    source: Any = model_path(cfg.model.name) if cfg.method.kind == "qlora" else model
+    result = analyze(source, progress=False, alpha_estimator=cfg.plan.alpha_estimator)
     return make_plan(result, cfg.plan.policy, params, one_d_rule=cfg.plan.one_d_rule), 0
 
 
