@@ -309,3 +309,9 @@ def test_a_run_plans_and_replans_with_the_configured_alpha_estimator(assets, tmp
     run(_cfg(assets, tmp_path / "run", plan={"policy": "alpha-balance", "alpha_estimator": "farms"}, train={"epochs": 2}))
     plans = sorted((tmp_path / "run" / "plans").glob("*.yaml"))
     assert len(plans) == 2 and all(yaml.safe_load(p.read_text())["alpha_estimator"] == "farms" for p in plans)
+
+
+def test_a_key_nothing_reads_is_an_error_not_silently_ignored(assets, tmp_path):  # type: ignore[no-untyped-def]
+    """data.block_size was accepted and read nowhere (the LM block length is model.max_length): now it is refused."""
+    with pytest.raises(TrainConfigError, match="data.block_size"):
+        _cfg(assets, tmp_path / "run", data={"block_size": 64})

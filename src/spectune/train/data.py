@@ -85,8 +85,6 @@ class DataConfig(BaseModel):
     max_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
     seed: int = 0
-    # Token block length for plain-text LM chunking; applied by the trainer's tokenizer step.
-    block_size: int = Field(128, ge=1)
     # plain: text (and response) tokenized as they are; chat: each row becomes a conversation rendered with the
     # tokenizer's chat template, and only the assistant's tokens carry the loss (see spectune.train.chat).
     format: Literal["plain", "chat"] = "plain"
