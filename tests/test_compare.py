@@ -143,12 +143,13 @@ def test_grid_runs_keeps_failures_and_resumes_only_missing_cells(assets, tmp_pat
         check_exact=False, atol=1e-6,
     )  # the retrained cell reproduces its first result: same seed, same rows
 
-    # a cell written before a config key existed is read back as it is (the key takes its default)
+    # a cell written before a config key existed (or with a retired one) is read back as it is
     import yaml
 
     stored = cell_dir(cfg, "toy", "full", 0) / "config.yaml"
     older = yaml.safe_load(stored.read_text())
     del older["eval"]["chunk_mb"]
+    older["data"]["block_size"] = 128  # and a key older versions wrote that nothing read (retired)
     stored.write_text(yaml.safe_dump(older, sort_keys=False))
     before = summaries[next(c for c in summaries if c.method == "full" and c.seed == 0)].stat().st_mtime_ns
     run_grid(cfg, progress=False)

@@ -148,6 +148,10 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
     return load_model(TrainConfig, source, overrides, what="training config")
 
 
+# keys older spectune versions wrote into config.yaml that no run ever read: dropped when a stored config is read back
+RETIRED_KEYS = ("data.block_size",)
+
+
 def stored_config_yaml(text: str) -> str:
     """A config.yaml written by an earlier spectune, read back through today's schema.
 
@@ -156,6 +160,10 @@ def stored_config_yaml(text: str) -> str:
     today's schema rejects (a removed key) is returned as it is, and then differs.
     """
     try:
-        return load_config(yaml.safe_load(text)).to_yaml()
+        data = yaml.safe_load(text)
+        for path in RETIRED_KEYS:
+            section, key = path.split(".")
+            (data.get(section) or {}).pop(key, None)
+        return load_config(data).to_yaml()
     except Exception:  # noqa: BLE001 - unreadable under today's schema: compare the text as it is
         return text
