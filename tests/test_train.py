@@ -315,3 +315,35 @@ def test_a_key_nothing_reads_is_an_error_not_silently_ignored(assets, tmp_path):
     """data.block_size was accepted and read nowhere (the LM block length is model.max_length): now it is refused."""
     with pytest.raises(TrainConfigError, match="data.block_size"):
         _cfg(assets, tmp_path / "run", data={"block_size": 64})
+
+
+def test_pissa_initialised_lora_under_a_plan_starts_from_the_same_function(assets, tmp_path):  # type: ignore[no-untyped-def]
+    """method.init passes through to PEFT under a plan's ranks: PiSSA moves the principal part into A, B and
+    keeps W_res + scaling B A equal to W, so the model's function is unchanged at step 0."""
+    from spectune.train.methods import apply_method
+    from spectune.train.trainer import load_model as load
+
+    cfg = _cfg(assets, tmp_path / "run", method={"kind": "lora", "init": "pissa_niter_2"},
+               plan={"policy": "adaptive-rank", "params": {"min_rank": 2, "max_rank": 4}})
+    import spectune
+    from spectune.plan import plan as make_plan
+
+    model, _ = load(cfg, "classification", 3)
+    model.eval()
+    x = torch.randint(5, 1000, (2, 12))
+    before = model(input_ids=x).logits.detach()
+    p = make_plan(spectune.analyze(model, progress=False), "adaptive-rank", {"min_rank": 2, "max_rank": 4})
+    wrapped = apply_method(model, cfg.method, "classification", p, 10)
+    wrapped.eval()
+    torch.testing.assert_close(wrapped(input_ids=x).logits, before, rtol=1e-4, atol=1e-4)
+    ranks = {n.split(".lora_A")[0]: m.shape[0] for n, m in wrapped.named_parameters() if ".lora_A." in n}
+    assert set(ranks.values()) <= {2, 3, 4} and len(set(ranks.values())) > 1  # the plan's ranks, not one r
+    lora_b = [m for n, m in wrapped.named_parameters() if ".lora_B." in n]
+    assert all(torch.count_nonzero(b) > 0 for b in lora_b)  # PiSSA: B is not zero at the start
+
+
+def test_an_init_peft_does_not_know_or_that_needs_data_is_a_clear_error(assets, tmp_path):  # type: ignore[no-untyped-def]
+    with pytest.raises(TrainConfigError, match="init 'lora_ga' is not an initialisation PEFT knows"):
+        _cfg(assets, tmp_path / "run", method={"kind": "lora", "init": "lora_ga"})
+    with pytest.raises(TrainConfigError, match="init 'eva' needs a pass over training data"):
+        _cfg(assets, tmp_path / "run", method={"kind": "lora", "init": "eva"})

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from spectune._config import ConfigError, apply_overrides, load_model  # noqa: F401  (re-exported)
 
@@ -34,6 +36,10 @@ class ModelConfig(_Section):
         "the model ships none)")
 
 
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
+DATA_INITS = ("eva", "corda", "loftq")  # PEFT has them; each needs data or a quantizer set up first
+
+
 class MethodConfig(_Section):
     """How weights are trained; a plan may then narrow or re-weight it."""
 
@@ -49,6 +55,20 @@ class MethodConfig(_Section):
     double_quant: bool = Field(True, description="qlora: quantize the quantization constants too (about 0.4 bit/weight saved)")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="qlora: dtype the 4-bit weights are dequantized to for each matmul")
+    init: str = Field(
+        "default", description="LoRA adapter initialisation, passed to PEFT's init_lora_weights: default (B = 0), "
+        "gaussian, pissa, pissa_niter_<n>, olora, orthogonal; ranks still come from the plan")
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, v: str) -> str:
+        if v in LORA_INITS or re.fullmatch(r"pissa_niter_\d+", v):
+            return v
+        if v in DATA_INITS:
+            raise ValueError(f"init {v!r} needs a pass over training data (or a quantisation config) before training, "
+                             "which spectune train does not run yet; use one of " + ", ".join(LORA_INITS))
+        raise ValueError(f"init {v!r} is not an initialisation PEFT knows; use one of " + ", ".join(LORA_INITS)
+                         + " or pissa_niter_<n>")
 
 
 class PlanSection(_Section):

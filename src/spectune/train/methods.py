@@ -129,6 +129,11 @@ def _train_planned_matrices(model: torch.nn.Module, plan: Plan) -> None:
             p.requires_grad_(True)
 
 
+def _init(cfg: MethodConfig) -> bool | str:
+    """PEFT's ``init_lora_weights`` for ``method.init`` (``default``: PEFT's own, B = 0)."""
+    return True if cfg.init == "default" else cfg.init
+
+
 def _peft(model: torch.nn.Module, cfg: MethodConfig, task: str, plan: Plan | None, heads: list[str],
           total_steps: int) -> torch.nn.Module:
     import peft
@@ -144,11 +149,11 @@ def _peft(model: torch.nn.Module, cfg: MethodConfig, task: str, plan: Plan | Non
             kw = peft_kwargs(plan, rename)
             kw["use_rslora"] = kw["use_rslora"] or kind == "rslora"
             kw["use_dora"] = kw["use_dora"] or kind == "dora"
-            config = peft.LoraConfig(**kw, lora_dropout=cfg.lora_dropout, **common)
+            config = peft.LoraConfig(**kw, lora_dropout=cfg.lora_dropout, init_lora_weights=_init(cfg), **common)
         else:
             config = peft.LoraConfig(
                 r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=_targets(model, cfg),
-                use_rslora=kind == "rslora", use_dora=kind == "dora", **common,
+                use_rslora=kind == "rslora", use_dora=kind == "dora", init_lora_weights=_init(cfg), **common,
             )
     elif kind == "adalora":
         config = peft.AdaLoraConfig(
