@@ -56,6 +56,11 @@ def resolve(alias: str) -> Path:
 COMPLETE = "spectune_cache.json"  # written last into a converted folder: its presence means the folder is whole
 
 
+def model_path(name: str) -> str:
+    """A built-in alias's local folder (converted and cached on first use), or ``name`` itself (a folder)."""
+    return str(resolve(name)) if name in ALIASES else name
+
+
 def converted_smollm2(gguf_path: Path) -> Path:
     """Dequantize the packaged GGUF into an fp32 HF folder once; later calls reuse it.
 

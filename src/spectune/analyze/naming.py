@@ -23,6 +23,8 @@ MODULE_TYPES = (
     "lm_head",
     "other",
 )
+# the matrices inside a transformer block (attention and feed-forward): what plans adapt by default
+BLOCK_TYPES = tuple(t for t in MODULE_TYPES if t.startswith(("attn_", "ffn_")))
 
 # Order matters: the first pattern that matches wins (e.g. BERT's attention.output.dense
 # must be seen before the generic output.dense that is BERT's feed-forward down projection).

@@ -11,13 +11,11 @@ from typing import Any
 
 import torch
 
-from spectune.analyze.naming import layer_index, module_type
+from spectune.analyze.naming import BLOCK_TYPES, layer_index, module_type
 from spectune.analyze.sources import canonical_name
 from spectune.compare.config import CompareConfig, cell_config, cell_dir
 from spectune.compare.grid import Cell
 from spectune.train.config import TrainConfig
-
-BLOCK_TYPES = ("attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "ffn_up", "ffn_gate", "ffn_down")
 
 
 def group_of(mtype: str) -> str:
@@ -66,7 +64,7 @@ class CellData:
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        from spectune.train.trainer import model_path
+        from spectune.analyze.builtin import model_path
 
         tok = AutoTokenizer.from_pretrained(model_path(self.train_cfg.model.name),
                                             trust_remote_code=self.train_cfg.model.trust_remote_code)

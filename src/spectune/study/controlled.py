@@ -52,7 +52,7 @@ def transform_model(source: str, dest: Path, types: list[str], layers: list[int]
         return pd.read_parquet(log_path)
     from transformers import AutoModel, AutoTokenizer
 
-    from spectune.train.trainer import model_path
+    from spectune.analyze.builtin import model_path
 
     path = model_path(source)
     model = AutoModel.from_pretrained(path, dtype=torch.float32)

@@ -24,7 +24,6 @@ from spectune.study.config import StudyConfig
 from spectune.study.part import Part
 
 METRICS = ["stable_rank", "top_eig_ratio", "alpha_hill"]
-LIGHT_KINDS = ("lora", "rslora", "dora", "adalora", "ia3", "prompt_tuning", "bitfit")
 
 
 def natural_grid(scfg: StudyConfig, root: Path, progress: bool) -> tuple[CompareConfig, pd.DataFrame]:

@@ -27,7 +27,7 @@ from transformers.trainer_utils import speed_metrics
 
 from spectune import _io
 from spectune.analyze import analyze
-from spectune.analyze.builtin import ALIASES, resolve
+from spectune.analyze.builtin import ALIASES, model_path
 from spectune.plan import Plan, match_names, param_groups, plan as make_plan
 from spectune._config import first_difference
 from spectune.train import callbacks as cb
@@ -147,10 +147,6 @@ class SpectralTrainer(Trainer):
 
 
 # --- model and tokenizer ------------------------------------------------------------------------
-
-
-def model_path(name: str) -> str:
-    return str(resolve(name)) if name in ALIASES else name
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

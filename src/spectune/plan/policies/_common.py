@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from spectune.analyze.naming import BLOCK_TYPES  # noqa: F401  (re-exported to the policies)
 from spectune.plan.schema import LoraDecision
 
 # matrices a policy may assign: anything with a spectrum (too_small rows keep exact norms)
 USABLE = ("ok", "too_small")
-BLOCK_TYPES = ("attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv", "ffn_up", "ffn_gate", "ffn_down")
 
 
 class PolicyConfig(BaseModel):
