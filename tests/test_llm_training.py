@@ -139,11 +139,23 @@ def test_qlora_4bit_on_cpu_with_adaptive_rank_pattern(assets, tmp_path):  # type
 
 
 @needs_bnb
-def test_qlora_replanning_is_refused_before_training(assets, tmp_path):  # type: ignore[no-untyped-def]
-    cfg = _cfg(assets, tmp_path / "run", method={"kind": "qlora"}, plan={"policy": "adaptive-rank", "replan": "epoch"})
-    with pytest.raises(ValueError, match="plan.replan=epoch with method.kind=qlora"):
-        run(cfg)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+def test_qlora_replans_between_epochs_on_its_dequantized_weights(assets, tmp_path):  # type: ignore[no-untyped-def]
+    import spectune
+    from spectune.plan import Plan
+
+    cfg = _cfg(assets, tmp_path / "run", method={"kind": "qlora", "r": 4},
+               model={"name": str(_llama64(assets, tmp_path / "llama64"))},
+               plan={"policy": "alpha-balance", "replan": "epoch"}, train={"epochs": 2})
+    run(cfg)
+    plans = sorted((tmp_path / "run" / "plans").glob("*.yaml"))
+    assert len(plans) == 2  # the first from the folder, the epoch-1 re-plan from the 4-bit training model
+    replanned = Plan.load(plans[-1])
+    assert len(set(replanned.lr_scale.values())) > 2  # alphas read from the dequantized weights, not all skipped
+    model, _ = load_model(cfg, "causal_lm", None)
+    rows = spectune.analyze(model, progress=False).metrics.set_index("name")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert rows.loc[q, "status"] == "ok" and (rows.loc[q, "rows"], rows.loc[q, "cols"]) == (64, 64)
+    assert rows.loc[q, "dtype"] == "bnb-4bit"
 
 
 @needs_bnb

@@ -118,6 +118,24 @@ _ADAPTER_PARAM = re.compile(r"\.(lora_[A-Za-z_]+|ia3_l|modules_to_save|original_
 _PEFT_PREFIX = "base_model.model."
 
 
+def _four_bit(param: torch.Tensor) -> bool:
+    """A bitsandbytes 4-bit parameter: packed bytes whose ``quant_state`` knows the real shape and scales."""
+    return getattr(param, "quant_state", None) is not None and not param.dtype.is_floating_point
+
+
+def dense(param: torch.Tensor) -> torch.Tensor:
+    """The weights a parameter stands for: itself, or a 4-bit one dequantized (one matrix at a time).
+
+    A QLoRA run's base weights are bitsandbytes ``Params4bit``; reading them through
+    PEFT's dequantizer lets its plans be re-made between epochs like any other run's.
+    """
+    if _four_bit(param):
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        return dequantize_bnb_weight(param, state=param.quant_state)
+    return param.detach()
+
+
 def _peft_merged(model: torch.nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
     """Loaders of W + delta W for every PEFT-adapted layer, keyed by the base weight's name.
 
@@ -131,7 +149,7 @@ def _peft_merged(model: torch.nn.Module) -> dict[str, Callable[[], torch.Tensor]
             continue
 
         def load(mod: Any = mod, base: Any = base) -> torch.Tensor:
-            w = base.weight.detach()
+            w = dense(base.weight)
             for adapter in getattr(mod, "active_adapters", []):
                 if adapter in getattr(mod, "lora_A", {}) or adapter in getattr(mod, "ia3_l", {}):
                     w = w + mod.get_delta_weight(adapter).detach().to(w.dtype)
@@ -167,7 +185,7 @@ def from_module(model: torch.nn.Module) -> WeightSource:
     ties: dict[str, list[str]] = {}
     order: list[tuple[str, torch.nn.Parameter]] = []
     for name, param in model.named_parameters(remove_duplicate=False):
-        if param.ndim < 2 or (not param.dtype.is_floating_point and not _is_weight_name(name)):
+        if (param.ndim < 2 and not _four_bit(param)) or (not param.dtype.is_floating_point and not _is_weight_name(name)):
             continue
         if _ADAPTER_PARAM.search(name):
             continue
@@ -181,22 +199,22 @@ def from_module(model: torch.nn.Module) -> WeightSource:
     refs = []
     for name, param in order:
         transpose = name in conv1d_params
-        shape = tuple(param.shape)
+        shape = tuple(param.quant_state.shape) if _four_bit(param) else tuple(param.shape)
         if transpose:
             shape = (shape[1], shape[0])
 
         def loader(p: torch.nn.Parameter = param, t: bool = transpose, m: Any = merged.get(name)) -> torch.Tensor:
-            w = m() if m is not None else p.detach()
+            w = m() if m is not None else dense(p)
             return w.t() if t else w
 
         refs.append(
             WeightRef(
                 name=canonical_name(name),
                 shape=shape,
-                dtype=str(param.dtype).removeprefix("torch."),
+                dtype="bnb-4bit" if _four_bit(param) else str(param.dtype).removeprefix("torch."),
                 loader=loader,
                 tied_to=tuple(canonical_name(t) for t in ties[name]),
-                quantized=not (param.dtype.is_floating_point),
+                quantized=not (param.dtype.is_floating_point or _four_bit(param)),
             )
         )
     cfg = getattr(model, "config", None)

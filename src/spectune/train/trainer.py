@@ -418,11 +418,6 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         _io.write_text(run_dir / "config.yaml", cfg.to_yaml())
     set_seed(cfg.train.seed)
 
-    if cfg.method.kind == "qlora" and cfg.plan.policy and cfg.plan.replan != "never":
-        # the analysis of a loaded model skips 4-bit matrices (packed bytes), so a re-plan would see no candidate
-        raise ValueError(f"plan.replan={cfg.plan.replan} with method.kind=qlora: re-planning analyzes the training "
-                         "model, whose 4-bit matrices the analysis cannot read yet; set plan.replan: never (the first "
-                         "plan is made from the checkpoint's own weights)")
     splits = load_data(cfg.data)
     task = splits.task if cfg.model.task == "auto" else cfg.model.task
     if task != splits.task:
@@ -619,8 +614,8 @@ def _initial_plan(cfg: TrainConfig, model: torch.nn.Module, ckpt: Path | None) -
     params = dict(cfg.plan.params)
     if cfg.plan.policy == "phased":
         params["epoch"] = 0
-    # a 4-bit model's matrices are packed bytes the analysis skips: qlora plans from the checkpoint's own weights,
-    # read one tensor at a time from the folder
+    # qlora: the first plan reads the checkpoint's own weights, one tensor at a time from the folder, rather than
+    # their 4-bit copies (re-plans read the training model's, dequantized, with the adapters merged)
     source: Any = model_path(cfg.model.name) if cfg.method.kind == "qlora" else model
     result = analyze(source, progress=False, alpha_estimator=cfg.plan.alpha_estimator)
     return make_plan(result, cfg.plan.policy, params, one_d_rule=cfg.plan.one_d_rule), 0
