@@ -34,6 +34,11 @@ _c = _Consoles()
 @app.callback()
 def _main() -> None:
     """spectune: analyze weight spectra, plan per-layer decisions, train, compare."""
+    import logging
+
+    # bitsandbytes (imported by peft when installed) warns at import that an optional CPU kernel package is
+    # missing; a newcomer's terminal should show spectune's lines, and real bitsandbytes errors still show
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _fmt(v: object) -> str:
