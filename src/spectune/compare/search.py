@@ -204,7 +204,7 @@ def open_study(cfg: CompareConfig, task: str, method: str, store: Any = None) ->
     seed = zlib.crc32(f"{task}/{method}".encode())  # the same sampler stream in every worker and re-run
     space = resolve_space(cfg, task, method)
     if cfg.search.sampler == "grid":
-        sampler: Any = _Grid(space, seed=seed)
+        sampler: Any = grid_sampler(space, seed)
     else:
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, cfg.search.trials // 2))
     if cfg.search.pruner == "median":
@@ -218,21 +218,16 @@ def open_study(cfg: CompareConfig, task: str, method: str, store: Any = None) ->
     )
 
 
-def _grid_sampler() -> type:
+def grid_sampler(space: dict[str, Any], seed: int) -> Any:
+    """Optuna's grid sampler without its stop-at-exhaustion hook: the budget check here decides when to stop
+    (the hook calls ``Study.stop``, which only works inside ``optimize``)."""
     import optuna
 
     class Grid(optuna.samplers.GridSampler):
-        """Optuna's grid sampler without its stop-at-exhaustion hook: the budget check here decides when to stop
-        (the hook calls ``Study.stop``, which only works inside ``optimize``)."""
-
         def after_trial(self, *args: Any, **kw: Any) -> None:
             return None
 
-    return Grid
-
-
-def _Grid(space: dict[str, Any], seed: int) -> Any:  # noqa: N802 - reads as the class it builds
-    return _grid_sampler()(space, seed=seed)
+    return Grid(space, seed=seed)
 
 
 def is_stale(trial: Any, now: float, stale_after_s: float) -> bool:
@@ -337,7 +332,6 @@ class TrialRunner:
     task: str
     method: str
     metric: str
-    on_line: Callable[[str], None] | None = None
 
     def folder(self, number: int, seed: int) -> Path:
         return search_dir(self.cfg) / self.task / self.method / f"trial-{number}" / f"seed-{seed}"
