@@ -98,7 +98,39 @@ class _MemSampler:
         self._take()
 
 
-def _child(kind: str, folder: str, out_path: str) -> None:
+def svdvals_floor(folder: Path, include: list[str]) -> dict:
+    """The floor: read each >=2-D float matrix (names matching any ``include`` regex, if given) one at a
+    time from the folder's safetensors files, as float32, and take ``torch.linalg.svdvals``; nothing else."""
+    import re
+
+    import torch
+    from safetensors import safe_open
+
+    keep = [re.compile(p) for p in include]
+    read_s = svd_s = 0.0
+    names = []
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                sl = fh.get_slice(name)
+                if len(sl.get_shape()) < 2 or sl.get_dtype() not in ("F64", "F32", "F16", "BF16"):
+                    continue
+                if keep and not any(p.search(name) for p in keep):
+                    continue
+                t1 = time.perf_counter()
+                w = fh.get_tensor(name).to(torch.float32)
+                w = w.reshape(w.shape[0], -1)
+                t2 = time.perf_counter()
+                torch.linalg.svdvals(w)
+                t3 = time.perf_counter()
+                read_s += t2 - t1
+                svd_s += t3 - t2
+                names.append(name)
+                del w
+    return {"timings": {"read_s": read_s, "svdvals_s": svd_s}, "names": names}
+
+
+def _child(kind: str, folder: str, out_path: str, include: list[str] | None = None) -> None:
     t = time.perf_counter()
     import torch  # noqa: F401  (every measurement pays for torch; timed as import)
 
@@ -113,7 +145,7 @@ def _child(kind: str, folder: str, out_path: str) -> None:
 
         logging.getLogger("weightwatcher").setLevel(logging.WARNING)
     else:
-        from safetensors import safe_open
+        import safetensors  # noqa: F401
     rec["import_s"] = time.perf_counter() - t
     rec["torch_threads"] = torch.get_num_threads()
 
@@ -149,30 +181,11 @@ def _child(kind: str, folder: str, out_path: str) -> None:
             rec["tied"] = {str(n): str(tt) for n, tt in zip(m["name"], m["tied_to"]) if tt}
             rec["rand_distance_rows"] = int(m["rand_distance"].notna().sum())
         elif kind == "svdvals_floor":
-            read_s = svd_s = 0.0
-            names = []
-            files = sorted(Path(folder).glob("*.safetensors"))
-            for path in files:
-                with safe_open(str(path), framework="pt") as fh:
-                    for name in fh.keys():
-                        sl = fh.get_slice(name)
-                        shape = sl.get_shape()
-                        if len(shape) < 2 or sl.get_dtype() not in ("F64", "F32", "F16", "BF16"):
-                            continue
-                        t1 = time.perf_counter()
-                        w = fh.get_tensor(name).to(torch.float32)
-                        w = w.reshape(w.shape[0], -1)
-                        t2 = time.perf_counter()
-                        torch.linalg.svdvals(w)
-                        t3 = time.perf_counter()
-                        read_s += t2 - t1
-                        svd_s += t3 - t2
-                        names.append(name)
-                        del w
+            floor = svdvals_floor(Path(folder), include or [])
             rec["work_s"] = time.perf_counter() - t
-            rec["timings"] = {"read_s": read_s, "svdvals_s": svd_s}
-            rec["n_matrices"] = len(names)
-            rec["names"] = names
+            rec["timings"] = floor["timings"]
+            rec["n_matrices"] = len(floor["names"])
+            rec["names"] = floor["names"]
         else:
             kw = {"mp_fit": True, "randomize": True} if kind == "ww_mpfit_rand" else {}
             watcher = ww.WeightWatcher(model=model)
@@ -508,9 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retry-contended", type=int, default=1, help="extra attempts for a contended run")
     ap.add_argument("--out", type=Path, default=RESULTS / "analyze_speed.json")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "FOLDER", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--floor-include", nargs="+", default=[], help=argparse.SUPPRESS)  # bench/llm_checkpoint.py
     args = ap.parse_args(argv)
     if args.child:
-        _child(*args.child)
+        _child(*args.child, include=args.floor_include)
         return 0
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")

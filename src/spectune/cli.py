@@ -67,7 +67,7 @@ def _table(title: str, df, columns: list[str]) -> Table:  # type: ignore[no-unty
 
 @app.command()
 def analyze(
-    model: Annotated[str, typer.Argument(help="alias (minilm, smollm2-135m), HF folder, .safetensors or .gguf file")],
+    model: Annotated[str, typer.Argument(help="alias (minilm, smollm2-135m, gemma3-270m), HF folder, .safetensors or .gguf file")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("out/analysis"),
     include: Annotated[Optional[list[str]], typer.Option("--include", help="regex; analyze only matching names")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="regex; skip matching names")] = None,
@@ -84,11 +84,15 @@ def analyze(
     report: Annotated[bool, typer.Option(help="write plots and report.html")] = True,
     trust_remote_code: Annotated[bool, typer.Option(help="allow model code from the folder")] = False,
 ) -> None:
-    """Compute per-matrix spectral metrics and write tables, plots and an HTML report."""
+    """Compute per-matrix spectral metrics and write tables, plots and an HTML report.
+
+    Under ``torchrun --nproc_per_node N -m spectune.cli analyze ...`` the matrices are
+    split across the N processes and rank 0 writes the one table."""
     from pydantic import ValidationError
 
     from spectune.analyze import AnalysisConfig, SourceError
     from spectune.analyze import analyze as run_analysis
+    from spectune.analyze.distributed import launched_ranks
 
     try:
         cfg = AnalysisConfig(
@@ -107,10 +111,13 @@ def analyze(
         first = err.errors()[0]
         raise typer.BadParameter(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     try:
-        result = run_analysis(model, cfg)
+        with launched_ranks() as ranks:
+            result = run_analysis(model, cfg, ranks=ranks)
     except (SourceError, ValueError, RuntimeError) as err:
         _error(err)
         raise typer.Exit(2) from None
+    if ranks is not None and ranks.rank != 0:
+        return  # every rank holds the table; one writes it
     result.save(out)
     written = ["metrics.parquet", "metrics.csv", "summary.json", "spectra.npz"]
     if report:

@@ -46,6 +46,8 @@ class WeightRef:
     loader: Callable[[], torch.Tensor]
     tied_to: tuple[str, ...] = ()
     quantized: bool = False
+    # reads canonical rows [start, stop) alone, where the format allows (safetensors slices)
+    row_loader: Callable[[int, int], torch.Tensor] | None = None
 
     @property
     def rows(self) -> int:
@@ -62,6 +64,15 @@ class WeightRef:
     def load(self) -> torch.Tensor:
         """The matrix as a 2-D tensor (higher-rank weights are flattened to (out, rest))."""
         t = self.loader()
+        return t.reshape(t.shape[0], -1) if t.ndim > 2 else t
+
+    def load_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the matrix, 2-D; from a safetensors file only those rows are read.
+
+        Cross-layer inner products are sums over elements, so a group of matrices can
+        be multiplied band by band (and a band can be one rank's share of the work).
+        """
+        t = self.row_loader(start, stop) if self.row_loader is not None else self.loader()[start:stop]
         return t.reshape(t.shape[0], -1) if t.ndim > 2 else t
 
 
@@ -296,6 +307,7 @@ def from_safetensors_files(
                     shape=shape,
                     dtype=dtype,
                     loader=_safetensors_loader(path, name, transpose),
+                    row_loader=_safetensors_row_loader(path, name, transpose),
                     quantized=dtype not in _FLOAT_DTYPES,
                 )
             )
@@ -317,6 +329,22 @@ def _safetensors_loader(path: Path, name: str, transpose: bool) -> Callable[[], 
                 t = handle.get_tensor(name)
         except Exception as err:  # safetensors raises its own error types
             raise SourceError(f"cannot read tensor '{name}' from {path}: {err}") from err
+        return t.t() if transpose else t
+
+    return load
+
+
+def _safetensors_row_loader(path: Path, name: str, transpose: bool) -> Callable[[int, int], torch.Tensor]:
+    """Canonical rows [start, stop): stored rows, or stored columns of a transposed (Conv1D) weight."""
+    from safetensors import safe_open
+
+    def load(start: int, stop: int) -> torch.Tensor:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                part = handle.get_slice(name)
+                t = part[:, start:stop] if transpose else part[start:stop]
+        except Exception as err:  # safetensors raises its own error types
+            raise SourceError(f"cannot read rows {start}:{stop} of tensor '{name}' from {path}: {err}") from err
         return t.t() if transpose else t
 
     return load
