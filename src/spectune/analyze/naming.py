@@ -4,6 +4,10 @@ Naming conventions differ by family (BERT, Llama/Qwen/Gemma/Mistral, GPT-2,
 GGUF/llama.cpp, Meta's original); one ordered table of patterns maps them all to
 a small vocabulary of module types so plans can treat "all value projections"
 alike whatever the model calls them.
+
+Only matrices get a type: 1-D weights such as Gemma 3's four norms per block and its
+q_norm/k_norm are "other" (they still carry their block index), and a tied LM head
+(Gemma, SmolLM2) is the embedding matrix, reported once as ``embedding``.
 """
 
 from __future__ import annotations
