@@ -34,7 +34,8 @@ def test_every_published_variant_has_an_example() -> None:
     """Issue 14's variants and issue 10's training paths each ship a runnable example."""
     texts = "\n".join(p.read_text() for p in ROOT.glob("*.yaml"))
     for needle in ("granularity: block", "alpha_estimator: farms", "policy: alpha-decay", "policy: by-type",
-                   "init: pissa", "kind: qlora", "format: chat"):
+                   "init: pissa", "kind: qlora", "format: chat", "dtype: bfloat16", "objective: dpo",
+                   "distributed: fsdp"):
         assert needle in texts, needle
     compare = "\n".join(p.read_text() for p in (ROOT / "compare").glob("*.yaml"))
     assert "match_params_of" in compare

@@ -414,3 +414,15 @@ def test_smollm2_validation_perplexity_agrees_at_eval_batch_8_and_64(tmp_path: P
         got[size] = run(cfg).metrics
     assert got[8]["validation_tokens"] == got[64]["validation_tokens"] > 500
     assert got[64]["validation_perplexity"] == pytest.approx(got[8]["validation_perplexity"], rel=0.005)
+
+
+def test_plain_text_blocks_each_start_with_bos_where_the_tokenizer_adds_one():
+    from spectune.train.trainer import lm_blocks
+
+    ids = [2] + list(range(10, 30))  # a BOS-adding tokenizer's encoding of 20 tokens
+    blocks = lm_blocks(ids, 8, bos=2, min_tokens=1)
+    assert all(b[0] == 2 and len(b) <= 8 for b in blocks)
+    assert sum((b[1:] for b in blocks), []) == list(range(10, 30))  # every token once, in order
+    plain = lm_blocks(list(range(10, 30)), 8, bos=1, min_tokens=1)  # no BOS at the start: plain slices
+    assert plain == [list(range(10, 18)), list(range(18, 26)), list(range(26, 30))]
+    assert lm_blocks(list(range(10, 30)), 8, bos=1) == plain[:2]  # the 4-token tail is under min_tokens

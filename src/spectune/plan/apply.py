@@ -14,6 +14,15 @@ _ADAPTER = re.compile(r"\.(lora_[A-Za-z_]+|ia3_l)\..*$")
 
 from spectune.plan.schema import Plan, PlanError
 
+# module wrappers that insert a path part into every parameter name below them: FSDP1, activation checkpointing
+# (also what accelerate's FSDP2 applies for it), torch.compile. FSDP2 itself renames nothing.
+_WRAPPER_PART = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name without wrapper parts: ``layer.0._checkpoint_wrapped_module.attn.weight`` -> ``layer.0.attn.weight``."""
+    return _WRAPPER_PART.sub("", name).lstrip(".")
+
 
 def match_names(plan_names: list[str], model_names: list[str]) -> dict[str, str]:
     """Map each plan name to the model's parameter name.
@@ -24,15 +33,17 @@ def match_names(plan_names: list[str], model_names: list[str]) -> dict[str, str]
     unique dotted suffix of one.
     """
     # PEFT keeps a frozen copy of a head it trains (original_module); the trained copy is the match
-    canon = {canonical_name(m): m for m in model_names if ".original_module." not in m}
+    # (names are matched through FSDP / checkpointing / compile wrappers: ``unwrapped_name``)
+    canon = {canonical_name(unwrapped_name(m)): m for m in model_names if ".original_module." not in m}
     exact = set(canon)
     out: dict[str, str] = {}
     bad: list[str] = []
     for p in plan_names:
-        if p in exact:
-            out[p] = canon[p]
+        q = unwrapped_name(p)
+        if q in exact:
+            out[p] = canon[q]
             continue
-        hits = [c for c in canon if c.endswith("." + p)]
+        hits = [c for c in canon if c.endswith("." + q)]
         if len(hits) == 1:
             out[p] = canon[hits[0]]
         else:
@@ -56,7 +67,9 @@ def param_groups(model: torch.nn.Module, plan: Plan, base_lr: float, weight_deca
     convention. Parameters the plan does not know (a freshly initialised task
     head) train at the base rate. A matrix's weight decay is weight_decay times its
     plan's ``wd_scale`` (1 where the plan sets none); an adapter (LoRA A/B) takes the
-    rate and decay multipliers of the layer it adapts.
+    rate and decay multipliers of the layer it adapts. Groups are named without wrapper
+    parts (``unwrapped_name``), so one built before FSDP / checkpoint wrapping and one
+    built after (re-planning) carry the same name.
     """
     all_names = [n for n, _ in model.named_parameters()]
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -77,7 +90,7 @@ def param_groups(model: torch.nn.Module, plan: Plan, base_lr: float, weight_deca
         s = 1.0 if s is None else s
         w = 1.0 if w is None else w
         groups.append(
-            {"params": [p], "name": n, "lr": base_lr * s, "lr_scale": s,
+            {"params": [p], "name": unwrapped_name(n), "lr": base_lr * s, "lr_scale": s,
              "weight_decay": weight_decay * w if p.ndim >= 2 else 0.0, "wd_scale": w if p.ndim >= 2 else 0.0}
         )
     return groups

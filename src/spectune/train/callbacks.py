@@ -4,8 +4,9 @@ They act only at epoch ends or every N steps, never inside the step itself, so a
 plan costs the training loop nothing between re-plans.
 
 Under several processes (torchrun, accelerate launch) every rank re-plans from its
-own copy of the weights (DDP keeps them identical), then takes rank 0's plan so the
-rates agree by construction; only rank 0 writes files into the run folder.
+own copy of the weights (DDP keeps them identical; under FSDP2 each rank gathers the
+full weights from the shards, ``distributed.full_weights``), then takes rank 0's plan so
+the rates agree by construction; only rank 0 writes files into the run folder.
 """
 
 from __future__ import annotations
@@ -32,10 +33,16 @@ STATE_FILE = "spectune_state.json"
 
 
 def _analysis(model: torch.nn.Module, cache: dict[str, Any], step: int) -> Any:
-    """One analysis per global step, shared by the re-planner and the tracker (``cache["options"]``: analysis options)."""
+    """One analysis per global step, shared by the re-planner and the tracker (``cache["options"]``: analysis options).
+
+    Under FSDP2 every rank reaches this at the same point and reads the full (gathered) matrices, not its shard.
+    """
     if cache.get("step") != step:
+        from spectune.train.distributed import full_weights
+
         t = time.perf_counter()
-        cache["result"] = analyze(model, progress=False, **cache.get("options", {}))
+        with full_weights(model) as whole:
+            cache["result"] = analyze(whole, progress=False, **cache.get("options", {}))
         cache["step"] = step
         cache["seconds"] = cache.get("seconds", 0.0) + time.perf_counter() - t
     return cache["result"]
@@ -148,7 +155,8 @@ class ReplanCallback(TrainerCallback):
         """Re-plan on this rank's weights, then adopt rank 0's plan; ``save`` (rank 0) writes it under plans/.
 
         Under DDP (and DeepSpeed ZeRO-1/2) the Trainer hands callbacks its unwrapped model,
-        whose parameter names are the optimizer groups' names.
+        whose parameter names are the optimizer groups' names; under FSDP2 the sharded model,
+        whose names are unchanged (its weights are gathered for the analysis).
         """
         result = _analysis(model, self.cache, step)
         new = make_plan(result, self.section.policy or "uniform", self._params(epoch), one_d_rule=self.section.one_d_rule)

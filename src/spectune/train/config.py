@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from spectune._config import ConfigError, apply_overrides, load_model  # noqa: F401  (re-exported)
 
@@ -23,7 +23,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = Field("minilm", description="alias (minilm, smollm2-135m) or a HF model folder")
+    name: str = Field("minilm", description="alias (minilm, smollm2-135m, gemma3-270m) or a HF model folder")
     task: Literal["auto", "classification", "causal_lm"] = "auto"
     trust_remote_code: bool = False
     max_length: int = Field(128, ge=8, description="tokens per example")
@@ -35,6 +35,11 @@ class ModelConfig(_Section):
         None, description="a Jinja chat template for data.format: chat; replaces the tokenizer's own (needed when "
         "the model ships none)")
 
+
+# the losses TRL 1.x's DPOTrainer and CPOTrainer accept (checked here so a typo fails before a model is loaded)
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
 DATA_INITS = ("eva", "corda", "loftq")  # PEFT has them; each needs data or a quantizer set up first
@@ -58,6 +63,21 @@ class MethodConfig(_Section):
     init: str = Field(
         "default", description="LoRA adapter initialisation, passed to PEFT's init_lora_weights: default (B = 0), "
         "gaussian, pissa, pissa_niter_<n>, olora, orthogonal; ranks still come from the plan")
+    objective: Literal["sft", "dpo", "orpo", "cpo", "simpo"] = Field(
+        "sft", description="what the run optimises: sft (next-token loss on the data's text or responses) or a "
+        "preference objective on prompt/chosen/rejected pairs through TRL's trainers: dpo (with loss_type: sigmoid, "
+        "ipo, hinge, robust, ...), orpo (odds ratio, no reference model), cpo, simpo (CPO's reference-free SimPO loss)")
+    beta: float | None = Field(
+        None, gt=0, description="preference strength: dpo/cpo temperature, orpo's lambda, simpo's reward scale; "
+        "None = TRL's default for the objective (0.1; simpo 2.0)")
+    loss_type: list[str] | str = Field(
+        "sigmoid", description="dpo: one of TRL's DPO losses or a list of them (summed with loss_weights); cpo: "
+        "sigmoid, hinge or ipo; orpo and simpo have their own loss and take the default")
+    loss_weights: list[float] | None = Field(None, description="dpo: weight of each loss_type when several are given")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo/cpo: probability a preference label is "
+                                   "flipped (robust DPO, conservative DPO)")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin over beta (gamma/beta ratio)")
+    cpo_alpha: float = Field(1.0, ge=0, description="cpo: weight of the NLL term on the chosen replies")
 
     @field_validator("init")
     @classmethod
@@ -69,6 +89,26 @@ class MethodConfig(_Section):
                              "which spectune train does not run yet; use one of " + ", ".join(LORA_INITS))
         raise ValueError(f"init {v!r} is not an initialisation PEFT knows; use one of " + ", ".join(LORA_INITS)
                          + " or pissa_niter_<n>")
+
+    @model_validator(mode="after")
+    def _preference(self) -> "MethodConfig":
+        """A loss type TRL would only reject at the first training step is refused here, with the choices."""
+        losses = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        allowed = {"dpo": DPO_LOSS_TYPES, "cpo": CPO_LOSS_TYPES}.get(self.objective, ("sigmoid",))
+        bad = [x for x in losses if x not in allowed]
+        if not losses or bad:
+            if self.objective in ("dpo", "cpo"):
+                raise ValueError(f"loss_type {bad or losses!r} is not a {self.objective} loss; use "
+                                 + ", ".join(allowed))
+            raise ValueError(f"loss_type {self.loss_type!r}: objective {self.objective} has its own loss; leave "
+                             "loss_type unset (it applies to dpo and cpo)")
+        if len(losses) > 1 and self.objective != "dpo":
+            raise ValueError("a list of loss_type values (a weighted sum) is for objective dpo")
+        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(losses)} loss_type values")
+        if self.objective == "dpo" and "exo_pair" in losses and self.label_smoothing == 0:
+            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+        return self
 
 
 class PlanSection(_Section):
@@ -108,6 +148,20 @@ class TrainSection(_Section):
     seed: int = 0
     max_grad_norm: float = 1.0
     bf16: bool = False
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="how processes under a launcher (torchrun, accelerate launch) share the model: ddp = a "
+        "whole copy each; fsdp = FSDP2, parameters, gradients and optimizer state sharded (needs GPUs; "
+        "docs/training.md, FSDP)")
+    fsdp_config: dict[str, Any] = Field(
+        default_factory=dict, description="fsdp: FSDP2 options passed to the Trainer (transformer_layer_cls_to_wrap, "
+        "reshard_after_forward, cpu_offload)")
+
+    @field_validator("fsdp_config")
+    @classmethod
+    def _fsdp_config(cls, v: dict[str, Any], info: Any) -> dict[str, Any]:
+        from spectune.train.distributed import check_fsdp_options
+
+        return check_fsdp_options(v, info.data.get("distributed", "ddp"))
 
 
 class EvalSection(_Section):
@@ -158,6 +212,20 @@ class TrainConfig(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> "TrainConfig":
+        """A preference objective trains a causal LM on pairs: refuse the settings it cannot run under."""
+        objective = self.method.objective
+        if objective == "sft":
+            return self
+        if "classification" in (self.model.task, self.data.task):
+            raise ValueError(f"method.objective={objective} trains a causal language model on prompt/chosen/rejected "
+                             "pairs; model.task / data.task classification cannot use it (use objective sft)")
+        if self.plan.switch_to_light:
+            raise ValueError(f"plan.switch_to_light is not supported with method.objective={objective}: the reference "
+                             "model of a preference run is fixed when the trainer is built, before any switch")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -90,6 +90,11 @@ class DataConfig(BaseModel):
     format: Literal["plain", "chat"] = "plain"
     # chat format: a column holding a list of {role, content} turns (used instead of text/response when present).
     messages_column: str = "messages"
+    # preference objectives (method.objective dpo, orpo, ...): the prompt and the preferred / dispreferred replies
+    # (see spectune.train.preference_data).
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":

@@ -104,6 +104,12 @@ class SpectralTrainer(Trainer):
         self.fused = fused
         self.callback_handler = IsolatedCallbackHandler.replacing(self.callback_handler)
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        from spectune.train.distributed import settle_fsdp
+
+        settle_fsdp(self)  # FSDP2 as asked (also on CPU processes with SPECTUNE_FSDP_CPU=1), never FSDP1 or a silent DDP
+
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         # built here (not passed in) so accelerate/FSDP see the wrapped model's own parameters
         if self.optimizer is None and self.group_fn is not None:
@@ -268,6 +274,22 @@ def load_model(cfg: TrainConfig, task: str, num_labels: int | None) -> tuple[tor
 # --- data ---------------------------------------------------------------------------------------
 
 
+def lm_blocks(ids: list[int], max_length: int, bos: int | None, min_tokens: int = 8) -> list[list[int]]:
+    """A row's token ids cut into blocks of at most ``max_length`` (shorter than ``min_tokens`` dropped).
+
+    Where the tokenizer starts a text with BOS (Gemma), every block starts with it, as the
+    model saw text in pre-training: a Gemma block without ``<bos>`` scores perplexity
+    1,548 against 124 with it (docs/benchmarks.md). Tokenizers that add none (SmolLM2)
+    get plain consecutive slices.
+    """
+    if bos is not None and ids and ids[0] == bos and max_length > 1:
+        body, width = ids[1:], max_length - 1
+        blocks = [[bos] + body[i : i + width] for i in range(0, len(body), width)]
+    else:
+        blocks = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+    return [b for b in blocks if len(b) >= min_tokens]
+
+
 def tokenize(splits: TextSplits, tok: Any, max_length: int, fmt: str = "plain") -> dict[str, Any]:
     """Token ids per split; causal LM responses are the only supervised tokens when present.
 
@@ -305,7 +327,7 @@ def tokenize(splits: TextSplits, tok: Any, max_length: int, fmt: str = "plain") 
         # (a 2,000-character Shakespeare chunk) are learned whole instead of truncated
         blocks: list[list[int]] = []
         for ids in tok(batch["text"], add_special_tokens=True)["input_ids"]:
-            blocks += [ids[i : i + max_length] for i in range(0, len(ids), max_length) if len(ids[i : i + max_length]) >= 8]
+            blocks += lm_blocks(ids, max_length, tok.bos_token_id)
         return {"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks], "labels": [list(b) for b in blocks]}
 
     fn = cls_fn if splits.task == "classification" else chat_fn if fmt == "chat" else lm_fn
@@ -411,6 +433,9 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     """
     t0 = time.perf_counter()
     world, main = _world()
+    from spectune.train import distributed
+
+    distributed.check_fsdp_launch(cfg.train.distributed)  # before a model is loaded: FSDP that would not shard
     run_dir = Path(cfg.output.dir)
     ckpt, config_changes = _check_run_dir(cfg, run_dir, resume, allow_config_change)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -418,14 +443,20 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         _io.write_text(run_dir / "config.yaml", cfg.to_yaml())
     set_seed(cfg.train.seed)
 
-    splits = load_data(cfg.data)
+    preference = cfg.method.objective != "sft"  # dpo, orpo, cpo, simpo: pairs through TRL (spectune.train.preference)
+    if preference:
+        from spectune.train import preference as pref
+    splits = pref.preference_splits(cfg) if preference else load_data(cfg.data)
     task = splits.task if cfg.model.task == "auto" else cfg.model.task
     if task != splits.task:
         raise ValueError(f"model.task={task} but the data is for {splits.task}")
     model, tok = load_model(cfg, task, len(splits.label_names or []) or None)
-    data = tokenize(splits, tok, cfg.model.max_length, cfg.data.format)
     skipped: dict[str, int] = {}
-    if task == "causal_lm":
+    if preference:
+        data, skipped = pref.preference_inputs(splits, tok, cfg)
+    else:
+        data = tokenize(splits, tok, cfg.model.max_length, cfg.data.format)
+    if task == "causal_lm" and not preference:
         # validation is evaluated during training, and sizes the training subset evaluated at the end
         uses_validation = cfg.eval.every != "no" or "train" in cfg.eval.final_splits
         skipped = drop_untargeted(data, ["train", *cfg.eval.final_splits] + (["validation"] if uses_validation else []))
@@ -489,6 +520,8 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         switcher = cb.StableRankSwitch(switchable.modules, cfg.plan.switch_tol, cfg.plan.switch_patience,
                                        cfg.plan.switch_every_steps, run_dir, cache, cb.restore_switches(ckpt), ranks)
         callbacks.append(switcher)
+    if cfg.train.distributed == "fsdp" and plan is not None:
+        callbacks.append(distributed.ShardedGroupsCheck())  # each plan group holds its own sharded parameter
     callbacks += list(extra_callbacks or [])
     callbacks.append(MarkComplete())  # last: its marker says every other callback's files are written
 
@@ -505,20 +538,25 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         # the Trainer's TensorBoard callback reads its folder from the environment; keep it in the run folder
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard" / "trainer")
     args = training_arguments(cfg, run_dir / "checkpoints", total_steps, world)
-    trainer = SpectralTrainer(
-        model=model,
-        args=args,
-        train_dataset=data["train"],
-        eval_dataset=data["validation"],
-        data_collator=collator(task, tok),
-        compute_metrics=compute_metrics_fn(task),
-        callbacks=callbacks,
-        group_fn=group_fn if plan is not None else None,
-        guard=guard,
-        lm_eval=task == "causal_lm",
-        chunk_bytes=cfg.eval.chunk_mb * 2**20,
-        fused=cfg.eval.fused_cross_entropy,
-    )
+    if preference:
+        # TRL's trainer for the objective, sharing SpectralTrainer's optimizer groups, guard and callbacks
+        trainer: SpectralTrainer = pref.build_trainer(cfg, model, tok, args, data, callbacks,
+                                                      group_fn if plan is not None else None, guard)
+    else:
+        trainer = SpectralTrainer(
+            model=model,
+            args=args,
+            train_dataset=data["train"],
+            eval_dataset=data["validation"],
+            data_collator=collator(task, tok),
+            compute_metrics=compute_metrics_fn(task),
+            callbacks=callbacks,
+            group_fn=group_fn if plan is not None else None,
+            guard=guard,
+            lm_eval=task == "causal_lm",
+            chunk_bytes=cfg.eval.chunk_mb * 2**20,
+            fused=cfg.eval.fused_cross_entropy,
+        )
     if task == "classification":
         # the classification loss is a per-batch mean that ignores num_items_in_batch: without this the
         # Trainer multiplies it by the number of processes (and skips the division by grad_accum)
@@ -556,6 +594,7 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
         "metrics": results,
         "task": task,
         "method": cfg.method.kind,
+        "objective": cfg.method.objective,
         "policy": cfg.plan.policy,
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -683,6 +722,8 @@ def _evaluation_record(m: dict[str, Any], split: str, rows: int) -> dict[str, An
 
 def training_arguments(cfg: TrainConfig, output_dir: Path, total_steps: int, world: int = 1) -> TrainingArguments:
     """The Trainer's arguments for a config: one place, shared with the overhead benchmark's plain Trainer."""
+    from spectune.train.distributed import fsdp_arguments
+
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=cfg.train.epochs,
@@ -712,6 +753,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, total_steps: int, wor
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,
         dataloader_num_workers=0,
+        **fsdp_arguments(cfg.train.distributed, cfg.train.fsdp_config),  # FSDP2 under train.distributed: fsdp
     )
 
 
