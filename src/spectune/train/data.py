@@ -595,6 +595,19 @@ def _carve_groups(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.Data
     return df[~taken].reset_index(drop=True), df[taken].reset_index(drop=True)
 
 
+def cap_splits(train: pd.DataFrame, validation: pd.DataFrame, test: pd.DataFrame, cfg: DataConfig, notes: list[str],
+               unit: str = "rows") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, str]:
+    """``max_examples`` subsamples train (seeded, noted); ``max_eval_examples`` caps validation and test (test at
+    the fixed seed, so every run reads the same test rows). Returns the splits and a sizes line."""
+    if cfg.max_examples is not None and cfg.max_examples < len(train):
+        notes.append(f"train: subsampled {cfg.max_examples} of {len(train)} {unit} (seed {cfg.seed})")
+        train = _cap(train, cfg.max_examples, cfg.seed)
+    validation = _cap(validation, cfg.max_eval_examples, cfg.seed)
+    test = _cap(test, cfg.max_eval_examples, TEST_SEED)
+    suffix = "" if unit == "rows" else f" {unit}"
+    return train, validation, test, f"train {len(train)}, validation {len(validation)}, test {len(test)}{suffix}"
+
+
 def _cap(df: pd.DataFrame, count: int | None, seed: int) -> pd.DataFrame:
     if count is None or len(df) <= count:
         return df
@@ -659,12 +672,7 @@ def load_data(cfg: DataConfig) -> TextSplits:
             notes.append(f"validation: {100 * cfg.validation_fraction:.3g}% carved from train (seed {cfg.seed}{strat})")
     else:
         notes.append("validation: the source's own validation split")
-    if cfg.max_examples is not None and cfg.max_examples < len(train):
-        notes.append(f"train: subsampled {cfg.max_examples} of {len(train)} rows (seed {cfg.seed})")
-        train = _cap(train, cfg.max_examples, cfg.seed)
-    validation = _cap(validation, cfg.max_eval_examples, cfg.seed)
-    test = _cap(test, cfg.max_eval_examples, TEST_SEED)
-    sizes = f"train {len(train)}, validation {len(validation)}, test {len(test)}"
+    train, validation, test, sizes = cap_splits(train, validation, test, cfg, notes)
     description = "; ".join([raw.about, sizes, *notes])
     return TextSplits(task=task, train=_to_dataset(train, task), validation=_to_dataset(validation, task),
                       test=_to_dataset(test, task), label_names=label_names, source=raw.source, description=description)

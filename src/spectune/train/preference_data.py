@@ -39,7 +39,7 @@ from spectune.train.data import (
     DataError,
     TextSplits,
     _blank,
-    _cap,
+    cap_splits,
     _name_splits,
     _pick,
     _read_table,
@@ -239,12 +239,7 @@ def _user_pairs(cfg: DataConfig) -> TextSplits:
         notes.append(f"validation: {100 * cfg.validation_fraction:.3g}% of the prompts carved from train (seed {cfg.seed})")
     else:
         notes.append("validation: the source's own validation split")
-    if cfg.max_examples is not None and cfg.max_examples < len(train):
-        notes.append(f"train: subsampled {cfg.max_examples} of {len(train)} pairs (seed {cfg.seed})")
-        train = _cap(train, cfg.max_examples, cfg.seed)
-    validation = _cap(validation, cfg.max_eval_examples, cfg.seed)
-    test = _cap(test, cfg.max_eval_examples, TEST_SEED)
-    sizes = f"train {len(train)}, validation {len(validation)}, test {len(test)} pairs"
+    train, validation, test, sizes = cap_splits(train, validation, test, cfg, notes, unit="pairs")
     description = "; ".join([f"user preference pairs from {path.name}", sizes, *notes])
     return TextSplits(task="causal_lm", train=_to_dataset(train), validation=_to_dataset(validation),
                       test=_to_dataset(test), label_names=None, source=where, description=description)
