@@ -35,7 +35,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import datasets
 import numpy as np
@@ -443,17 +443,7 @@ def _messages_json(column: pd.Series, where: str, split: str, name: str) -> pd.S
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: messages column {name!r}, split {split!r}, row {i}: not a list of turns "
                                 f"(a string that is not JSON: {err})") from err
-        if isinstance(value, np.ndarray):  # parquet / datasets give arrays of dicts
-            value = value.tolist()
-        if not isinstance(value, list) or not value:
-            raise DataError(f"{where}: messages column {name!r}, split {split!r}, row {i}: expected a non-empty list of "
-                            f"{{role, content}} turns, got {type(value).__name__}")
-        turns = []
-        for j, turn in enumerate(value):
-            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
-                raise DataError(f"{where}: messages column {name!r}, split {split!r}, row {i}, turn {j}: each turn needs "
-                                f"a string 'role' and a string 'content', got {turn!r}"[:400])
-            turns.append({"role": turn["role"], "content": turn["content"]})
+        turns = as_turns(value, f"{where}: messages column {name!r}, split {split!r}, row {i}")
         if not any(t["role"] == "assistant" for t in turns):
             raise DataError(f"{where}: messages column {name!r}, split {split!r}, row {i}: no 'assistant' turn, so no "
                             "token would carry the loss")
@@ -593,6 +583,20 @@ def _carve_groups(df: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.Data
             break
     taken = df["group"].isin(chosen)
     return df[~taken].reset_index(drop=True), df[taken].reset_index(drop=True)
+
+
+def as_turns(value: Any, where: str) -> list[dict[str, str]]:
+    """A conversation (a list, or parquet's array, of ``{role, content}`` dicts) as plain turns; else a DataError at ``where``."""
+    if isinstance(value, np.ndarray):  # parquet / datasets give arrays of dicts
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: expected a non-empty list of {{role, content}} turns, got {type(value).__name__}")
+    turns = []
+    for j, turn in enumerate(value):
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+            raise DataError(f"{where}, turn {j}: each turn needs a string 'role' and a string 'content', got {turn!r}"[:400])
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    return turns
 
 
 def cap_splits(train: pd.DataFrame, validation: pd.DataFrame, test: pd.DataFrame, cfg: DataConfig, notes: list[str],

@@ -39,6 +39,7 @@ from spectune.train.data import (
     DataError,
     TextSplits,
     _blank,
+    as_turns,
     cap_splits,
     _name_splits,
     _pick,
@@ -125,19 +126,9 @@ def _turns(value: Any, where: str) -> list[dict[str, str]] | None:
         if not looks_like_turns:
             return None
         value = parsed
-    if isinstance(value, np.ndarray):  # parquet / datasets give arrays of dicts
-        value = value.tolist()
     if isinstance(value, dict):
         value = [value]
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: expected a string or a non-empty list of {{role, content}} turns, got "
-                        f"{type(value).__name__}")
-    turns = []
-    for j, turn in enumerate(value):
-        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
-            raise DataError(f"{where}, turn {j}: each turn needs a string 'role' and a string 'content', got {turn!r}"[:400])
-        turns.append({"role": turn["role"], "content": turn["content"]})
-    return turns
+    return as_turns(value, where)
 
 
 def _chat_cells(df: pd.DataFrame, chat: bool, where: str) -> pd.DataFrame:
