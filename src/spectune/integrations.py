@@ -10,10 +10,11 @@ scheduler's per-group base rates to match. From there on the same code as ``spec
 train`` re-plans between epochs (``ReplanCallback``) and tracks spectra
 (``SpectralTracker``).
 
-Limit: a run resumed from a Trainer checkpoint restores an optimizer state saved with
-the plan's groups into an optimizer the Trainer created with its own; that mismatch is
-refused with a message (use ``spectune train --resume``, whose optimizer is built with
-the plan's groups from the start).
+Limit: resuming from a Trainer checkpoint is not supported. The Trainer loads the saved
+optimizer state (the plan's groups) into the optimizer it created (its own two groups)
+before any callback runs, so torch stops on the group count; an optimizer that already
+holds state when this callback runs is refused with a message. ``spectune train
+--resume`` builds the plan's groups at creation and resumes.
 """
 
 from __future__ import annotations
