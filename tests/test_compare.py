@@ -217,4 +217,8 @@ def test_curve_puts_each_tasks_setting_beside_its_paired_difference(assets, tmp_
     curve = curve_table(paired(df, "a"), cfg)
     assert list(curve["x"]) == [32, 64] and set(curve["family"]) == {"cls"}
     assert curve.loc[curve["x"] == 32, "diff"].iloc[0] == pytest.approx(np.mean([0.1, 0.02, 0.05]))
+    # one Benjamini-Hochberg over the whole curve, not one per task
+    from scipy import stats as sps
+    assert curve["p_adjusted_curve"].to_numpy() == pytest.approx(sps.false_discovery_control(curve["p_ttest"].to_numpy()))
+    assert (curve["p_adjusted_curve"] >= curve["p_adjusted"] - 1e-12).all()
     assert plot_curve(curve, "data.max_examples", tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")

@@ -76,6 +76,16 @@ def test_search_picks_on_validation_and_only_final_cells_read_test(assets, tmp_p
     partial = compare(grown, progress=False, report_only=True)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == stamps
     assert set(partial.results["method"]) == {"full", "ab"} and partial.search.chosen["toy"]["full"] == result.search.chosen["toy"]["full"]
+    # a budget raised after the fact leaves the studies unfinished: their best so far is not reported as chosen
+    raised = load_compare_config({**_cfg(assets, out), "search": {
+        **_cfg(assets, out)["search"], "trials": 4, "sampler": "tpe", "space": {"train.lr": {"ratio": [0.1, 1.0], "log": True}}}})
+    unfinished = compare(raised, progress=False, report_only=True)
+    assert unfinished.search.chosen == {} and set(unfinished.search.unfinished) == {("toy", "full"), ("toy", "ab")}
+    assert "Still searching" in (out / "results.md").read_text()
+    # only cells trained as this config now asks (the base rate, no chosen value) are read; none is retrained
+    at_base = {m for m, c in result.search.chosen["toy"].items() if c["values"]["train.lr"] == pytest.approx(3e-3)}
+    assert set(unfinished.results["method"]) == at_base
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == stamps
 
 
 def _worker(cfg_path: Path, *extra: str) -> subprocess.Popen:  # type: ignore[type-arg]

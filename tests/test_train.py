@@ -143,6 +143,15 @@ def test_config_errors_name_the_key(tmp_path):  # type: ignore[no-untyped-def]
     assert cfg.train.lr == 3e-4 and cfg.plan.policy == "alpha-balance"
 
 
+def test_settings_peft_would_crash_on_later_are_refused_up_front():
+    with pytest.raises(TrainConfigError, match=r"adalora_target_r=8 must be below method\.r=8"):
+        load_config({"data": {"name": "sms-spam"}, "method": {"kind": "adalora", "r": 8, "adalora_target_r": 8}})
+    load_config({"data": {"name": "sms-spam"}, "method": {"kind": "adalora", "r": 8, "adalora_target_r": 4}})
+    with pytest.raises(TrainConfigError, match="prompt_tuning trains virtual token embeddings"):
+        load_config({"data": {"name": "sms-spam"}, "method": {"kind": "prompt_tuning"}, "plan": {"policy": "alpha-balance"}})
+    load_config({"data": {"name": "sms-spam"}, "method": {"kind": "prompt_tuning"}})
+
+
 def test_plan_for_another_model_fails_before_training(assets, tmp_path):  # type: ignore[no-untyped-def]
     import spectune
 

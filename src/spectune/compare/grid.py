@@ -163,7 +163,7 @@ def run_grid(cfg: CompareConfig, progress: bool = True,
 
     ``chosen(task, method)`` gives the searched values a method's final cells train with;
     without ``wait`` (a helper process) cells other processes hold are left to them; without
-    ``train`` only finished cells are read (a report of a grid still running, or cut short).
+    ``train`` only finished cells of this grid's configuration are read (a report of a grid still running, or cut short).
     Several processes may run the same comparison into one folder: each claims the
     cells no other holds (``seed-N.claim`` beside the cell folder), then waits for and
     reads the cells the others trained, so every process ends with the whole table.
@@ -190,7 +190,10 @@ def run_grid(cfg: CompareConfig, progress: bool = True,
             for cell in pending:
                 if not train:
                     if _finished(cfg, cell):
-                        finish(cell, run_cell(cfg, cell, chosen(cell.task, cell.method) if chosen else None))
+                        try:
+                            finish(cell, run_cell(cfg, cell, chosen(cell.task, cell.method) if chosen else None))
+                        except StaleCell:
+                            pass  # trained under other values (a search not finished yet): not this grid's cell
                     continue
                 values = chosen(cell.task, cell.method) if chosen else None
                 claim = claim_path(cfg, cell)

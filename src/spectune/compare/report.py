@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from spectune import _io
 from spectune._html import figure, gallery, page, save_png, table
@@ -161,7 +162,11 @@ def plot_search(trials: pd.DataFrame, task: str, path: Path) -> Path | None:
 
 
 def curve_table(pairs: pd.DataFrame, cfg: CompareConfig) -> pd.DataFrame:
-    """The paired differences with the curve's x (``cfg.curve``'s value) and each task's family."""
+    """The paired differences with the curve's x (``cfg.curve``'s value) and each task's family.
+
+    ``p_adjusted_curve`` is Benjamini-Hochberg over every point of a method's curve: a curve
+    asks one question at every (task, x) point, so the per-task ``p_adjusted`` under-corrects.
+    """
     from spectune.compare.config import cell_data
     from spectune.compare.search import current_value
 
@@ -175,6 +180,12 @@ def curve_table(pairs: pd.DataFrame, cfg: CompareConfig) -> pd.DataFrame:
     out = pairs.copy()
     out.insert(1, "x", out["task"].map(x))
     out.insert(1, "family", out["task"].map(family))
+    out["p_adjusted_curve"] = np.nan
+    for _, idx in out.groupby("method", sort=False).groups.items():
+        ps = out.loc[idx, "p_ttest"].to_numpy(dtype=float)
+        finite = np.isfinite(ps)
+        if finite.any():
+            out.loc[idx[finite], "p_adjusted_curve"] = stats.false_discovery_control(ps[finite])
     return out.sort_values(["method", "family", "x"]).reset_index(drop=True)
 
 
@@ -226,6 +237,9 @@ def _search_html(cfg: CompareConfig, search: Any, plots: Path) -> list[str]:
             f"{esc(str(s.seeds))} (never the final seeds) and scored on the validation split; sampler {s.sampler}, "
             f"pruner {s.pruner}. The test split was read only by the final cells, at the chosen values.</p>",
             "<h3>Chosen values</h3>", table(chosen)]
+    if search.unfinished:
+        body.append("<p>Still searching (no value chosen, so their final cells are not shown): "
+                    + esc(", ".join(f"{t} / {m}" for t, m in search.unfinished)) + ".</p>")
     for task in cfg.tasks:
         path = plot_search(trials, task, plots / f"{task}_search.png") if not trials.empty else None
         if path is not None:
@@ -338,6 +352,9 @@ def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, co
                   f"{s.trials} trials per task x searched method on search seeds {s.seeds} (validation only), "
                   f"sampler {s.sampler}, pruner {s.pruner}; the values each method's final cells used:", "",
                   chosen.to_markdown(index=False, floatfmt=".4g") if not chosen.empty else "(no trial finished)", ""]
+        if search.unfinished:
+            lines += ["Still searching (no value chosen yet): "
+                      + ", ".join(md_escape(f"{t} / {m}") for t, m in search.unfinished) + ".", ""]
         for task in cfg.tasks:
             if (out / "plots" / f"{task}_search.png").exists():
                 lines.append(f"![{task} search](plots/{task}_search.png)")

@@ -27,7 +27,7 @@ import shutil
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -478,6 +478,7 @@ def trial_table(study: Any, task: str, method: str) -> pd.DataFrame:
 class SearchResult:
     trials: pd.DataFrame
     chosen: dict[str, dict[str, dict[str, Any]]]  # task -> method -> {"values", "value", "trial", "metric"}
+    unfinished: list[tuple[str, str]] = field(default_factory=list)  # (task, method) studies with budget left
 
     def values(self, task: str, method: str) -> dict[str, Any] | None:
         entry = self.chosen.get(task, {}).get(method)
@@ -495,6 +496,7 @@ def run_search(cfg: CompareConfig, on_line: Callable[[str], None] | None = None,
     store = storage(cfg)
     tables = []
     chosen: dict[str, dict[str, dict[str, Any]]] = {}
+    unfinished: list[tuple[str, str]] = []
     studies = [(task, method) for task in (tasks or list(cfg.tasks)) for method in searched_methods(cfg)]
     if not read_only:
         for task, method in studies:  # first pass: claim trials, never wait (other workers may hold the last ones)
@@ -505,6 +507,9 @@ def run_search(cfg: CompareConfig, on_line: Callable[[str], None] | None = None,
         tables.append(table)
         metric = objective_metric(cfg, task)
         best = choose(table, METRIC_DIRECTION[metric]) if not table.empty else None
+        if read_only and not spent(table, cfg.search.trials):
+            unfinished.append((task, method))  # its best so far is not a choice: a later trial may beat it
+            best = None
         if best is not None:
             values = {c.removeprefix("param:"): _plain(best[c]) for c in table if c.startswith("param:") and pd.notna(best[c])}
             chosen.setdefault(task, {})[method] = {"values": values, "value": float(best["value"]),
@@ -514,20 +519,18 @@ def run_search(cfg: CompareConfig, on_line: Callable[[str], None] | None = None,
         out = search_dir(cfg)
         _io.write_text(out / TRIALS_FILE, trials.to_csv(index=False))
         _io.write_json(out / CHOSEN_FILE, chosen)
-    return SearchResult(trials, chosen)
+    return SearchResult(trials, chosen, unfinished)
+
+
+def spent(trials: pd.DataFrame, budget: int) -> bool:
+    """Whether a study's budget is spent: ``budget`` trials completed or pruned, none still running."""
+    if trials.empty:
+        return False
+    return bool((trials["state"].isin(["COMPLETE", "PRUNED"])).sum() >= budget and not (trials["state"] == "RUNNING").any())
 
 
 def _plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
-
-
-def load_search(cfg: CompareConfig) -> SearchResult | None:
-    """What a finished search recorded (None when there is none)."""
-    out = search_dir(cfg)
-    if not (out / CHOSEN_FILE).exists():
-        return None
-    trials = pd.read_csv(out / TRIALS_FILE) if (out / TRIALS_FILE).stat().st_size else pd.DataFrame()
-    return SearchResult(trials, json.loads((out / CHOSEN_FILE).read_text()))
 
 
 class SearchPerTask:

@@ -91,6 +91,14 @@ class MethodConfig(_Section):
                          + " or pissa_niter_<n>")
 
     @model_validator(mode="after")
+    def _adalora_budget(self) -> "MethodConfig":
+        """AdaLoRA prunes each adapter from rank r down to adalora_target_r: a target not below r has nothing to prune."""
+        if self.kind == "adalora" and self.adalora_target_r >= self.r:
+            raise ValueError(f"method.adalora_target_r={self.adalora_target_r} must be below method.r={self.r} "
+                             "(AdaLoRA starts every adapter at rank r and prunes the budget down to the target)")
+        return self
+
+    @model_validator(mode="after")
     def _preference(self) -> "MethodConfig":
         """A loss type TRL would only reject at the first training step is refused here, with the choices."""
         losses = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
@@ -215,7 +223,11 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _objective_fits(self) -> "TrainConfig":
-        """A preference objective trains a causal LM on pairs: refuse the settings it cannot run under."""
+        """Refuse what cannot run: a plan under prompt tuning, and settings a preference objective cannot take."""
+        if self.method.kind == "prompt_tuning" and (self.plan.policy or self.plan.file):
+            raise ValueError("method.kind=prompt_tuning trains virtual token embeddings and no weight matrix, so a "
+                             "plan's per-matrix rates, ranks or trainable set have nothing to apply to; drop plan "
+                             "or use a LoRA kind")
         objective = self.method.objective
         if objective == "sft":
             return self
