@@ -150,6 +150,15 @@ def test_settings_peft_would_crash_on_later_are_refused_up_front():
     with pytest.raises(TrainConfigError, match="prompt_tuning trains virtual token embeddings"):
         load_config({"data": {"name": "sms-spam"}, "method": {"kind": "prompt_tuning"}, "plan": {"policy": "alpha-balance"}})
     load_config({"data": {"name": "sms-spam"}, "method": {"kind": "prompt_tuning"}})
+    with pytest.raises(TrainConfigError, match="method.num_virtual_tokens=8 is read only by kind prompt_tuning"):
+        load_config({"data": {"name": "sms-spam"}, "method": {"kind": "lora", "num_virtual_tokens": 8}})
+    with pytest.raises(TrainConfigError, match="method.init='pissa' is read only by kind lora"):
+        load_config({"data": {"name": "sms-spam"}, "method": {"kind": "full", "init": "pissa"}})
+    # a plan policy or parameter that does not exist fails when the config is read, naming the key
+    with pytest.raises(TrainConfigError, match=r"plan: .*unknown policy 'alpha-balanse'"):
+        load_config({"data": {"name": "sms-spam"}, "plan": {"policy": "alpha-balanse"}})
+    with pytest.raises(TrainConfigError, match="granulrity"):
+        load_config({"data": {"name": "sms-spam"}, "plan": {"policy": "alpha-balance", "params": {"granulrity": "block"}}})
 
 
 def test_plan_for_another_model_fails_before_training(assets, tmp_path):  # type: ignore[no-untyped-def]

@@ -45,6 +45,17 @@ LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
 DATA_INITS = ("eva", "corda", "loftq")  # PEFT has them; each needs data or a quantizer set up first
 
 
+# settings only some method kinds read: under any other kind a non-default value is an error, not silently ignored
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "num_virtual_tokens": ("prompt_tuning",),
+    "adalora_target_r": ("adalora",),
+    "init": ("lora", "rslora", "dora", "qlora"),
+    "quant_type": ("qlora",),
+    "double_quant": ("qlora",),
+    "compute_dtype": ("qlora",),
+}
+
+
 class MethodConfig(_Section):
     """How weights are trained; a plan may then narrow or re-weight it."""
 
@@ -89,6 +100,15 @@ class MethodConfig(_Section):
                              "which spectune train does not run yet; use one of " + ", ".join(LORA_INITS))
         raise ValueError(f"init {v!r} is not an initialisation PEFT knows; use one of " + ", ".join(LORA_INITS)
                          + " or pissa_niter_<n>")
+
+    @model_validator(mode="after")
+    def _kind_reads_it(self) -> "MethodConfig":
+        """A kind-specific setting changed under a kind that never reads it (PEFT's own configs warn the same way)."""
+        for name, kinds in KIND_FIELDS.items():
+            if self.kind not in kinds and getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"method.{name}={getattr(self, name)!r} is read only by kind {' / '.join(kinds)}, "
+                                 f"not by kind {self.kind}: drop it or change the kind")
+        return self
 
     @model_validator(mode="after")
     def _adalora_budget(self) -> "MethodConfig":
@@ -142,6 +162,22 @@ class PlanSection(_Section):
         description="rate of a switched matrix's LoRA adapter relative to its full-tuning rate (default: the "
         "LoRA/full rate ratio of the examples, 1e-3 / 1e-4)",
     )
+
+    @model_validator(mode="after")
+    def _policy_params(self) -> "PlanSection":
+        """A misspelt policy or parameter fails when the config is read, not after data and model have loaded.
+
+        The params are only checked: they stay as written, so a stored config.yaml reads back unchanged.
+        """
+        if self.policy is not None:
+            from spectune.plan.build import policy_config
+            from spectune.plan.schema import PlanError
+
+            try:
+                policy_config(self.policy, self.params)
+            except PlanError as err:
+                raise ValueError(str(err)) from None
+        return self
 
 
 class TrainSection(_Section):
