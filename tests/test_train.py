@@ -154,6 +154,9 @@ def test_settings_peft_would_crash_on_later_are_refused_up_front():
         load_config({"data": {"name": "sms-spam"}, "method": {"kind": "lora", "num_virtual_tokens": 8}})
     with pytest.raises(TrainConfigError, match="method.init='pissa' is read only by kind lora"):
         load_config({"data": {"name": "sms-spam"}, "method": {"kind": "full", "init": "pissa"}})
+    with pytest.raises(TrainConfigError, match="switch_to_light needs method.kind=full"):
+        load_config({"data": {"name": "sms-spam"}, "method": {"kind": "lora"},
+                     "plan": {"policy": "stable-rank", "params": {"low": "lora"}, "switch_to_light": True}})
     # a plan policy or parameter that does not exist fails when the config is read, naming the key
     with pytest.raises(TrainConfigError, match=r"plan: .*unknown policy 'alpha-balanse'"):
         load_config({"data": {"name": "sms-spam"}, "plan": {"policy": "alpha-balanse"}})

@@ -259,7 +259,11 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _objective_fits(self) -> "TrainConfig":
-        """Refuse what cannot run: a plan under prompt tuning, and settings a preference objective cannot take."""
+        """Refuse what cannot run: a switch without a full-tuning run and a plan, a plan under prompt tuning, and
+        settings a preference objective cannot take."""
+        if self.plan.switch_to_light and (self.method.kind != "full" or not (self.plan.policy or self.plan.file)):
+            raise ValueError("plan.switch_to_light needs method.kind=full and a plan with lightweight matrices "
+                             "(policy stable-rank with low: lora)")
         if self.method.kind == "prompt_tuning" and (self.plan.policy or self.plan.file):
             raise ValueError("method.kind=prompt_tuning trains virtual token embeddings and no weight matrix, so a "
                              "plan's per-matrix rates, ranks or trainable set have nothing to apply to; drop plan "
