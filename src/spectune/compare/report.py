@@ -9,12 +9,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from spectune import _io
 from spectune._html import figure, gallery, page, save_png, table
 from spectune.compare.config import CompareConfig, baseline_of
-from spectune.compare.stats import higher_is_better, paired, summarize, task_metrics, win_tie_loss
+from spectune.compare.stats import bh_adjusted, higher_is_better, paired, summarize, task_metrics, win_tie_loss
 
 COLORS = {"better": "#2a7d2a", "worse": "#b22222", "no clear difference": "#555555", "too few pairs": "#999999"}
 
@@ -180,12 +179,7 @@ def curve_table(pairs: pd.DataFrame, cfg: CompareConfig) -> pd.DataFrame:
     out = pairs.copy()
     out.insert(1, "x", out["task"].map(x))
     out.insert(1, "family", out["task"].map(family))
-    out["p_adjusted_curve"] = np.nan
-    for _, idx in out.groupby("method", sort=False).groups.items():
-        ps = out.loc[idx, "p_ttest"].to_numpy(dtype=float)
-        finite = np.isfinite(ps)
-        if finite.any():
-            out.loc[idx[finite], "p_adjusted_curve"] = stats.false_discovery_control(ps[finite])
+    out["p_adjusted_curve"] = out.groupby("method", sort=False)["p_ttest"].transform(bh_adjusted)
     return out.sort_values(["method", "family", "x"]).reset_index(drop=True)
 
 

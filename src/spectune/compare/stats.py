@@ -17,6 +17,7 @@ removes the between-seed variance that dominates low-data fine-tuning.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -101,6 +102,16 @@ def verdict(low: float, high: float, higher_better: bool) -> str:
     return "no clear difference"
 
 
+def bh_adjusted(p_values: Any) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (scipy); NaN (no test possible) stays NaN and is not counted."""
+    ps = np.asarray(p_values, dtype=float)
+    adj = np.full_like(ps, np.nan)
+    finite = np.isfinite(ps)
+    if finite.any():
+        adj[finite] = stats.false_discovery_control(ps[finite])
+    return adj
+
+
 def paired(df: pd.DataFrame, baseline: str | dict[str, str | None], metric: str = "auto",
            tie_tolerance: float = 0.0) -> pd.DataFrame:
     """Every method against its baseline per task, over the seeds both finished.
@@ -137,11 +148,7 @@ def paired(df: pd.DataFrame, baseline: str | dict[str, str | None], metric: str 
                 "wins": int(better.sum()), "ties": int(len(d) - better.sum() - worse.sum()), "losses": int(worse.sum()),
                 "verdict": verdict(lo, hi, up),
             })
-        ps = np.array([r["p_ttest"] for r in task_rows], dtype=float)
-        finite = np.isfinite(ps)
-        adj = np.full_like(ps, np.nan)
-        if finite.any():
-            adj[finite] = stats.false_discovery_control(ps[finite])
+        adj = bh_adjusted([r["p_ttest"] for r in task_rows])
         for r, a in zip(task_rows, adj):
             r["p_adjusted"] = float(a)
         rows += task_rows

@@ -258,7 +258,7 @@ class TrainConfig(_Section):
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     @model_validator(mode="after")
-    def _objective_fits(self) -> "TrainConfig":
+    def _parts_fit(self) -> "TrainConfig":
         """Refuse what cannot run: a switch without a full-tuning run and a plan, a plan under prompt tuning, and
         settings a preference objective cannot take."""
         if self.plan.switch_to_light and (self.method.kind != "full" or not (self.plan.policy or self.plan.file)):

@@ -473,10 +473,9 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     light: dict[str, str] = {}
     switchable: SwitchAdapters | None = None
     if cfg.plan.switch_to_light:
-        if plan is None or plan.lora is None or cfg.method.kind != "full":
+        if plan is None or plan.lora is None:  # method.kind=full and a plan are checked with the config
             raise ValueError(
-                "plan.switch_to_light needs method.kind=full and a plan with lightweight matrices "
-                "(policy stable-rank with low: lora)"
+                "plan.switch_to_light needs a plan with lightweight matrices (policy stable-rank with low: lora)"
             )
         if world > 1:
             raise ValueError(
