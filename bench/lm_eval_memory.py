@@ -85,7 +85,8 @@ def child(opts: argparse.Namespace) -> dict[str, Any]:
 
     from spectune.train.config import TrainConfig
     from spectune.train.data import DataConfig, TextSplits, load_data
-    from spectune.train.trainer import SpectralTrainer, collator, tokenize, training_arguments
+    from spectune.train.recipes import collator, tokenize
+    from spectune.train.trainer import SpectralTrainer, training_arguments
 
     torch.set_num_threads(opts.threads)
     folder = model_folder(opts.model)

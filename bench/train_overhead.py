@@ -12,7 +12,7 @@ Two configurations, each in a fresh subprocess, run one after the other:
             decay / no decay), same TrainingArguments as spectune builds; no spectune
             in the training loop (spectune's data loader, tokenizer step and model
             loader are reused so both runs see identical token ids and the same head init)
-  spectune  spectune.train.trainer.run(cfg) with plan.policy=phased, plan.replan=epoch
+  spectune  spectune.train.run.run(cfg) with plan.policy=phased, plan.replan=epoch
             (one optimizer group per parameter built from the plan, ReplanCallback,
             SpectralTracker, MetricsLog, StopOnNonFinite)
   (--policies adds more spectune configurations, e.g. alpha-balance)
@@ -124,8 +124,12 @@ def _child(kind: str, opts: dict, out_path: str) -> None:
     from transformers.trainer_callback import CallbackHandler
 
     from spectune.train import callbacks as cb
-    from spectune.train import trainer as tr
     from spectune.train.config import TrainConfig
+    from spectune.train.data import load_data
+    from spectune.train.model import load_model
+    from spectune.train.recipes import classification, tokenize
+    from spectune.train.run import run
+    from spectune.train.trainer import training_arguments
 
     rec: dict[str, Any] = {"kind": kind, "torch_threads": torch.get_num_threads()}
     spans: list[dict] = []  # spectral work: analysis / replan / record / initial plan
@@ -167,10 +171,10 @@ def _child(kind: str, opts: dict, out_path: str) -> None:
 
     # batch shapes in fetch order (grad_accum 1: one batch per optimizer step)
     shapes: list[list[int]] = []
-    orig_collator = tr.collator
+    orig_collator = classification.collator
 
-    def recording_collator(task: str, tok: Any) -> Any:
-        inner = orig_collator(task, tok)
+    def recording_collator(tok: Any) -> Any:
+        inner = orig_collator(tok)
 
         def collate(features: Any) -> Any:
             batch = inner(features)
@@ -179,7 +183,7 @@ def _child(kind: str, opts: dict, out_path: str) -> None:
 
         return collate
 
-    tr.collator = recording_collator
+    classification.collator = recording_collator
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -235,7 +239,7 @@ def _child(kind: str, opts: dict, out_path: str) -> None:
     t_start = time.perf_counter()
 
     if kind.startswith("spectune"):
-        result = tr.run(cfg, extra_callbacks=[timer])
+        result = run(cfg, extra_callbacks=[timer])
         summary = json.loads((Path(work) / "summary.json").read_text())
         rec["summary"] = {k: summary.get(k) for k in ("train_runtime_s", "wall_time_s", "analysis_time_s", "global_step",
                                                       "trainable_parameters", "peak_memory_mb", "plans", "data")}
@@ -245,12 +249,12 @@ def _child(kind: str, opts: dict, out_path: str) -> None:
         from transformers import Trainer, set_seed
 
         set_seed(cfg.train.seed)
-        splits = tr.load_data(cfg.data)
-        model, tok = tr.load_model(cfg, "classification", len(splits.label_names or []))
-        data = tr.tokenize(splits, tok, cfg.model.max_length)
+        splits = load_data(cfg.data)
+        model, tok = load_model(cfg, "classification", len(splits.label_names or []))
+        data = tokenize(splits, tok, cfg.model.max_length)
         total_steps = (len(data["train"]) + cfg.train.batch_size - 1) // cfg.train.batch_size * int(cfg.train.epochs)
         # the run's own arguments, minus what a timing run must not do (evaluate, save, log to disk)
-        args = dataclasses.replace(tr.training_arguments(cfg, Path(work) / "checkpoints", total_steps),
+        args = dataclasses.replace(training_arguments(cfg, Path(work) / "checkpoints", total_steps),
                                    eval_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True)
         trainer_cls = Trainer
         if kind == "plain_analyzed":
@@ -280,7 +284,7 @@ def _child(kind: str, opts: dict, out_path: str) -> None:
 
             trainer_cls = VariantTrainer
         trainer = trainer_cls(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
-                              data_collator=tr.collator("classification", tok), callbacks=[timer])
+                              data_collator=classification.collator(tok), callbacks=[timer])
         out = trainer.train()
         rec["train_runtime_s"] = out.metrics.get("train_runtime")
         rec["summary"] = {"data": splits.description, "global_step": trainer.state.global_step}
@@ -308,11 +312,11 @@ def _profile_child(opts: dict, out_path: str) -> None:
     torch.set_num_threads(opts["threads"])
     from spectune.analyze import analyze
     from spectune.plan import param_groups, plan as make_plan
-    from spectune.train import trainer as tr
     from spectune.train.config import TrainConfig
+    from spectune.train.model import load_model
 
     cfg = TrainConfig.model_validate(_base_config(opts, tempfile.mkdtemp(prefix="spectune-bench-prof-"), opts["policy"]))
-    model, _ = tr.load_model(cfg, "classification", 2)
+    model, _ = load_model(cfg, "classification", 2)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(0)
     for _, p in named:

@@ -50,7 +50,7 @@ DRIVER = textwrap.dedent(
     from transformers import TrainerCallback
 
     from spectune.train import callbacks as cb, load_config
-    from spectune.train.trainer import run
+    from spectune.train.run import run
 
     assets, out, results, mode = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
     agreed = []
@@ -254,7 +254,7 @@ def test_fsdp2_on_gpus_matches_ddp(assets: Path, tmp_path: Path) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_fsdp_request_on_cpu_is_refused_with_the_reason(assets: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from spectune.train.trainer import run
+    from spectune.train.run import run
 
     cfg = load_config({"model": {"name": str(assets / "bert"), "max_length": 16}, "data": {"path": str(assets / "cls.csv")},
                        "train": {"distributed": "fsdp"}, "output": {"dir": str(tmp_path / "run")}})

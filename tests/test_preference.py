@@ -106,7 +106,7 @@ def _assert_plan_rates(groups: list[dict[str, Any]], plan: Plan, lr: float, vari
 
 @needs_minilm
 def test_dpo_under_a_replanned_plan(lm: Path, tmp_path: Path) -> None:
-    from spectune.train.trainer import run
+    from spectune.train.run import run
 
     out = tmp_path / "run"
     cfg = _cfg(lm, _pairs(tmp_path / "p.jsonl"), out, logging={"track_metrics": ["stable_rank"]})
@@ -130,15 +130,49 @@ def test_dpo_under_a_replanned_plan(lm: Path, tmp_path: Path) -> None:
     assert (out / "final" / "model.safetensors").exists()
 
 
+class ReferenceForwards(TrainerCallback):
+    """TRL's reference forwards during training (a training-mode forward without autograd), inputs and log-probs,
+    and at the end the same inputs through the trained model with its adapter switched off and on."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict[str, Any], torch.Tensor]] = []
+        self.switched_off: list[torch.Tensor] = []
+        self.switched_on: list[torch.Tensor] = []
+        self.steps = 0
+        self.hook: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        def record(module: Any, _: Any, kwargs: dict[str, Any], output: Any) -> None:
+            if module.training and not torch.is_grad_enabled():
+                self.calls.append((dict(kwargs), output.log_probs.detach().clone()))
+
+        self.hook = model.register_forward_hook(record, with_kwargs=True)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        self.steps = state.global_step
+        self.hook.remove()
+        with torch.no_grad():
+            for kwargs, _ in self.calls:
+                with model.disable_adapter():
+                    self.switched_off.append(model(**kwargs).log_probs)
+                self.switched_on.append(model(**kwargs).log_probs)
+
+
 @needs_minilm
 def test_dpo_lora_chat_reference_is_the_adapter_switched_off(lm: Path, tmp_path: Path) -> None:
-    from spectune.train.trainer import run
+    from spectune.train.run import run
 
     out = tmp_path / "run"
     cfg = _cfg(lm, _pairs(tmp_path / "p.jsonl"), out, method={"kind": "lora", "r": 4}, train={"epochs": 1},
                data={"format": "chat"}, model={"chat_template": TEMPLATE, "max_length": 48})
-    seen = GroupsAtStart()
-    res = run(cfg, extra_callbacks=[seen])
+    seen, ref = GroupsAtStart(), ReferenceForwards()
+    res = run(cfg, extra_callbacks=[seen, ref])
+    # every step's reference log-probs (TRL's frozen copy of the untrained adapter) are the model's with its
+    # adapter switched off, while the trained adapter has moved away from them
+    assert ref.calls and len(ref.calls) == ref.steps  # one reference forward a step
+    for (_, logps), off, on in zip(ref.calls, ref.switched_off, ref.switched_on):
+        torch.testing.assert_close(logps, off)
+        assert (on - logps).abs().max() > 1e-3
     names = [g["name"] for g in seen.groups]
     assert names and all(".lora_" in n and ".default." in n for n in names)  # TRL's frozen "ref" copy never trains
     _assert_plan_rates(seen.groups, Plan.load(out / "plans" / "plan-epoch0-step0.yaml"), cfg.train.lr)
@@ -156,7 +190,7 @@ def test_dpo_qlora_with_an_adaptive_rank_plan(lm: Path, tmp_path: Path) -> None:
     """4-bit base, the plan's per-matrix ranks, its rates on the adapters, re-planned on the dequantized weights."""
     import transformers as tf
 
-    from spectune.train.trainer import run
+    from spectune.train.run import run
 
     folder = tmp_path / "llama64"  # bitsandbytes' CPU 4-bit matmul needs rows of at least one 64-value block
     torch.manual_seed(0)
@@ -184,15 +218,20 @@ def test_dpo_qlora_with_an_adaptive_rank_plan(lm: Path, tmp_path: Path) -> None:
 def test_chat_pairs_are_rendered_like_the_supervised_chat_path(lm: Path, tmp_path: Path) -> None:
     """TRL's prompt and reply tokens of a chat pair are the supervised chat path's context and supervised tokens."""
     from spectune.train.chat import tokenize_chat
-    from spectune.train.preference import build_trainer, preference_inputs, preference_splits
-    from spectune.train.trainer import load_model, training_arguments
+    from spectune.train.recipes import TrainerParts
+    from spectune.train.recipes.preference import inputs, splits, trainer as build_trainer
+    from spectune.train.methods import METHODS
+    from spectune.train.model import load_model
+    from spectune.train.trainer import training_arguments
 
     cfg = _cfg(lm, _pairs(tmp_path / "p.jsonl"), tmp_path / "run", data={"format": "chat"},
                model={"chat_template": TEMPLATE, "max_length": 48}, plan={"policy": None})
     model, tok = load_model(cfg, "causal_lm", None)
-    data, skipped = preference_inputs(preference_splits(cfg), tok, cfg)
+    data, skipped = inputs(splits(cfg), tok, cfg)
     assert skipped == {"train": 0, "validation": 0, "test": 0}
-    trainer = build_trainer(cfg, model, tok, training_arguments(cfg, tmp_path / "ck", 4), data, [], None, None)
+    trainer = build_trainer(TrainerParts(cfg=cfg, model=model, tok=tok, args=training_arguments(cfg, tmp_path / "ck", 4),
+                                         data=data, callbacks=[], group_fn=None, guard=None,
+                                         method=METHODS[cfg.method.kind]))
     for k in range(3):
         row, pair = trainer.train_dataset[k], data["train"][k]
         for reply in ("chosen", "rejected"):
@@ -214,7 +253,7 @@ class Crash(TrainerCallback):
 @needs_minilm
 def test_killed_dpo_lora_run_resumes_to_the_same_result(lm: Path, tmp_path: Path) -> None:
     """Checkpoints hold the trained adapter only; the resumed run rebuilds TRL's reference and ends where it would have."""
-    from spectune.train.trainer import run
+    from spectune.train.run import run
 
     data = _pairs(tmp_path / "p.jsonl")
     over: dict[str, Any] = {"method": {"kind": "lora", "r": 4}, "train": {"batch_size": 8},
@@ -231,7 +270,7 @@ def test_killed_dpo_lora_run_resumes_to_the_same_result(lm: Path, tmp_path: Path
 @needs_minilm
 @pytest.mark.parametrize("objective, fmt", [("orpo", "plain"), ("simpo", "chat")])
 def test_reference_free_objectives_run_under_a_plan(lm: Path, tmp_path: Path, objective: str, fmt: str) -> None:
-    from spectune.train.trainer import run
+    from spectune.train.run import run
 
     out = tmp_path / "run"
     cfg = _cfg(lm, _pairs(tmp_path / "p.jsonl"), out, method={"objective": objective}, train={"epochs": 1},
@@ -246,7 +285,7 @@ def test_reference_free_objectives_run_under_a_plan(lm: Path, tmp_path: Path, ob
 
 def test_trl_config_is_the_supervised_arguments_plus_the_objective(tmp_path: Path) -> None:
     """TRL's own defaults (lr 1e-6, gradient checkpointing, bf16) never apply unseen; each objective maps to its trainer."""
-    from spectune.train.preference import preference_args
+    from spectune.train.recipes.preference import preference_args
     from spectune.train.trainer import training_arguments
 
     def args(**method: Any) -> Any:
@@ -266,7 +305,7 @@ def test_trl_config_is_the_supervised_arguments_plus_the_objective(tmp_path: Pat
 
 
 def test_eval_figures_weigh_each_batch_by_its_pairs() -> None:
-    from spectune.train.preference import eval_figures
+    from spectune.train.recipes.preference import eval_figures
 
     store = {"rewards/accuracies": [1.0, 0.0], "num_tokens": [999.0], "eval_nll_loss": [2.0, 4.0]}
     out = eval_figures(store, [3, 1], "final_test")
@@ -375,8 +414,8 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
 
 @needs_minilm
 def test_objective_with_a_classification_model_is_refused_before_loading(assets: Path, tmp_path: Path) -> None:
-    from spectune.train.preference import PreferenceError
-    from spectune.train.trainer import run
+    from spectune.train.recipes.preference import PreferenceError
+    from spectune.train.run import run
 
     cfg = _cfg(assets / "bert", _pairs(tmp_path / "p.jsonl"), tmp_path / "run")
     with pytest.raises(PreferenceError, match="BertModel.*not a causal language model"):
@@ -385,8 +424,8 @@ def test_objective_with_a_classification_model_is_refused_before_loading(assets:
 
 @needs_minilm
 def test_tokenizer_without_eos_is_refused_for_plain_pairs(assets: Path, tmp_path: Path) -> None:
-    from spectune.train.preference import PreferenceError
-    from spectune.train.trainer import run
+    from spectune.train.recipes.preference import PreferenceError
+    from spectune.train.run import run
 
     cfg = _cfg(assets / "llama", _pairs(tmp_path / "p.jsonl"), tmp_path / "run")
     with pytest.raises(PreferenceError, match="no eos_token"):
@@ -405,7 +444,7 @@ def test_smollm2_dpo_on_movie_dialog_opens_a_margin_at_the_plan_rates(tmp_path: 
     With LoRA the policy starts equal to its reference, so every pair's margin starts at
     exactly 0; after two passes over 16 pairs the margin on them must have opened.
     """
-    from spectune.train.trainer import run
+    from spectune.train.run import run
 
     out = tmp_path / "run"
     cfg = load_config({

@@ -58,7 +58,7 @@ def test_plan_refuses_an_output_that_the_report_would_overwrite(tmp_path):  # ty
 
 def test_a_resumed_run_logs_each_step_once(assets, tmp_path):  # type: ignore[no-untyped-def]
     from tests.test_train import Crash, _cfg
-    from spectune.train.trainer import run
+    from spectune.train.run import run
 
     over = dict(plan={"policy": "phased"}, output={"save_every": "steps", "save_every_steps": 3},
                 train={"epochs": 2}, logging={"every_steps": 1, "tensorboard": False, "progress": False,

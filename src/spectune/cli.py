@@ -240,7 +240,7 @@ def train(
     from spectune.plan import PlanError
     from spectune.train import TrainConfigError, load_config
     from spectune.train.checkpoints import CheckpointError
-    from spectune.train.trainer import TrainingDiverged, run
+    from spectune.train.run import TrainingDiverged, run
 
     try:
         cfg = load_config(config, overrides or [])

@@ -56,7 +56,7 @@ class CellData:
         """The model as training started (same head initialisation: the run's seed is set first)."""
         from transformers import set_seed
 
-        from spectune.train.trainer import load_model
+        from spectune.train.model import load_model
 
         set_seed(self.train_cfg.train.seed)
         return load_model(self.train_cfg, self.task, self.num_labels)
@@ -91,7 +91,7 @@ class CellData:
 
     def batches(self, split: str, n_batches: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
         """The first ``n_batches * batch_size`` rows of a split, tokenized and collated as in training."""
-        from spectune.train.trainer import collator, tokenize
+        from spectune.train.recipes import collator, tokenize
 
         tok = self.tokenizer()
         data = tokenize(self.splits, tok, self.train_cfg.model.max_length)[split]

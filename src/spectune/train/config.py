@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from spectune._config import ConfigError, apply_overrides, load_model  # noqa: F401  (re-exported)
 
 from spectune.train.data import DataConfig
+from spectune.train.methods import MethodConfig, kind_problem, plan_problem
+from spectune.train.methods.full import FullConfig
 
 
 TrainConfigError = ConfigError  # the name spectune.train has always raised
@@ -34,109 +34,6 @@ class ModelConfig(_Section):
     chat_template: str | None = Field(
         None, description="a Jinja chat template for data.format: chat; replaces the tokenizer's own (needed when "
         "the model ships none)")
-
-
-# the losses TRL 1.x's DPOTrainer and CPOTrainer accept (checked here so a typo fails before a model is loaded)
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
-
-LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
-DATA_INITS = ("eva", "corda", "loftq")  # PEFT has them; each needs data or a quantizer set up first
-
-
-# settings only some method kinds read: under any other kind a non-default value is an error, not silently ignored
-KIND_FIELDS: dict[str, tuple[str, ...]] = {
-    "num_virtual_tokens": ("prompt_tuning",),
-    "adalora_target_r": ("adalora",),
-    "init": ("lora", "rslora", "dora", "qlora"),
-    "quant_type": ("qlora",),
-    "double_quant": ("qlora",),
-    "compute_dtype": ("qlora",),
-}
-
-
-class MethodConfig(_Section):
-    """How weights are trained; a plan may then narrow or re-weight it."""
-
-    kind: Literal["full", "lora", "rslora", "dora", "qlora", "adalora", "ia3", "prompt_tuning", "bitfit", "frozen"] = "full"
-    r: int = Field(8, ge=1, description="LoRA/AdaLoRA rank (init rank for AdaLoRA)")
-    lora_alpha: float = Field(16, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str | None = Field(None, description="None: every attention/MLP linear of the blocks")
-    adalora_target_r: int = Field(4, ge=1)
-    num_virtual_tokens: int = Field(16, ge=1)
-    train_head: bool = Field(True, description="keep a new task head (classifier) trainable under PEFT methods")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: bitsandbytes 4-bit data type of the base weights")
-    double_quant: bool = Field(True, description="qlora: quantize the quantization constants too (about 0.4 bit/weight saved)")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="qlora: dtype the 4-bit weights are dequantized to for each matmul")
-    init: str = Field(
-        "default", description="LoRA adapter initialisation, passed to PEFT's init_lora_weights: default (B = 0), "
-        "gaussian, pissa, pissa_niter_<n>, olora, orthogonal; ranks still come from the plan")
-    objective: Literal["sft", "dpo", "orpo", "cpo", "simpo"] = Field(
-        "sft", description="what the run optimises: sft (next-token loss on the data's text or responses) or a "
-        "preference objective on prompt/chosen/rejected pairs through TRL's trainers: dpo (with loss_type: sigmoid, "
-        "ipo, hinge, robust, ...), orpo (odds ratio, no reference model), cpo, simpo (CPO's reference-free SimPO loss)")
-    beta: float | None = Field(
-        None, gt=0, description="preference strength: dpo/cpo temperature, orpo's lambda, simpo's reward scale; "
-        "None = TRL's default for the objective (0.1; simpo 2.0)")
-    loss_type: list[str] | str = Field(
-        "sigmoid", description="dpo: one of TRL's DPO losses or a list of them (summed with loss_weights); cpo: "
-        "sigmoid, hinge or ipo; orpo and simpo have their own loss and take the default")
-    loss_weights: list[float] | None = Field(None, description="dpo: weight of each loss_type when several are given")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo/cpo: probability a preference label is "
-                                   "flipped (robust DPO, conservative DPO)")
-    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin over beta (gamma/beta ratio)")
-    cpo_alpha: float = Field(1.0, ge=0, description="cpo: weight of the NLL term on the chosen replies")
-
-    @field_validator("init")
-    @classmethod
-    def _init(cls, v: str) -> str:
-        if v in LORA_INITS or re.fullmatch(r"pissa_niter_\d+", v):
-            return v
-        if v in DATA_INITS:
-            raise ValueError(f"init {v!r} needs a pass over training data (or a quantisation config) before training, "
-                             "which spectune train does not run yet; use one of " + ", ".join(LORA_INITS))
-        raise ValueError(f"init {v!r} is not an initialisation PEFT knows; use one of " + ", ".join(LORA_INITS)
-                         + " or pissa_niter_<n>")
-
-    @model_validator(mode="after")
-    def _kind_reads_it(self) -> "MethodConfig":
-        """A kind-specific setting changed under a kind that never reads it (PEFT's own configs warn the same way)."""
-        for name, kinds in KIND_FIELDS.items():
-            if self.kind not in kinds and getattr(self, name) != type(self).model_fields[name].default:
-                raise ValueError(f"method.{name}={getattr(self, name)!r} is read only by kind {' / '.join(kinds)}, "
-                                 f"not by kind {self.kind}: drop it or change the kind")
-        return self
-
-    @model_validator(mode="after")
-    def _adalora_budget(self) -> "MethodConfig":
-        """AdaLoRA prunes each adapter from rank r down to adalora_target_r: a target not below r has nothing to prune."""
-        if self.kind == "adalora" and self.adalora_target_r >= self.r:
-            raise ValueError(f"method.adalora_target_r={self.adalora_target_r} must be below method.r={self.r} "
-                             "(AdaLoRA starts every adapter at rank r and prunes the budget down to the target)")
-        return self
-
-    @model_validator(mode="after")
-    def _preference(self) -> "MethodConfig":
-        """A loss type TRL would only reject at the first training step is refused here, with the choices."""
-        losses = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        allowed = {"dpo": DPO_LOSS_TYPES, "cpo": CPO_LOSS_TYPES}.get(self.objective, ("sigmoid",))
-        bad = [x for x in losses if x not in allowed]
-        if not losses or bad:
-            if self.objective in ("dpo", "cpo"):
-                raise ValueError(f"loss_type {bad or losses!r} is not a {self.objective} loss; use "
-                                 + ", ".join(allowed))
-            raise ValueError(f"loss_type {self.loss_type!r}: objective {self.objective} has its own loss; leave "
-                             "loss_type unset (it applies to dpo and cpo)")
-        if len(losses) > 1 and self.objective != "dpo":
-            raise ValueError("a list of loss_type values (a weighted sum) is for objective dpo")
-        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
-            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(losses)} loss_type values")
-        if self.objective == "dpo" and "exo_pair" in losses and self.label_smoothing == 0:
-            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
-        return self
 
 
 class PlanSection(_Section):
@@ -250,24 +147,34 @@ class LoggingSection(_Section):
 class TrainConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodConfig = Field(default_factory=FullConfig)
     plan: PlanSection = Field(default_factory=PlanSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_kind(cls, method: Any) -> Any:
+        """``method`` without a kind is full fine-tuning (as it always was); a key of another kind is named in one line."""
+        if isinstance(method, dict):
+            method = {"kind": "full", **method}
+            problem = kind_problem(method)
+            if problem:
+                raise ValueError(problem)
+        return method
+
     @model_validator(mode="after")
     def _parts_fit(self) -> "TrainConfig":
-        """Refuse what cannot run: a switch without a full-tuning run and a plan, a plan under prompt tuning, and
+        """Refuse what cannot run: a plan a kind cannot follow, a switch without a full-tuning run and a plan, and
         settings a preference objective cannot take."""
+        problem = plan_problem(self.method.kind, self.plan.policy, self.plan.params, bool(self.plan.file))
+        if problem:
+            raise ValueError(problem)
         if self.plan.switch_to_light and (self.method.kind != "full" or not (self.plan.policy or self.plan.file)):
             raise ValueError("plan.switch_to_light needs method.kind=full and a plan with lightweight matrices "
                              "(policy stable-rank with low: lora)")
-        if self.method.kind == "prompt_tuning" and (self.plan.policy or self.plan.file):
-            raise ValueError("method.kind=prompt_tuning trains virtual token embeddings and no weight matrix, so a "
-                             "plan's per-matrix rates, ranks or trainable set have nothing to apply to; drop plan "
-                             "or use a LoRA kind")
         objective = self.method.objective
         if objective == "sft":
             return self
@@ -292,6 +199,21 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
 RETIRED_KEYS = ("data.block_size",)
 
 
+def flat_method(method: dict[str, Any]) -> dict[str, Any]:
+    """A ``method`` section written before the registry (one flat config for every kind) as its kind's own.
+
+    The flat config wrote every field under every kind, and a kind never read the
+    others' (a changed one was refused, or ignored), so dropping them keeps the run.
+    """
+    from spectune.train.methods import METHODS
+
+    kind = method.get("kind", "full")
+    if kind not in METHODS:
+        return method
+    own = METHODS[kind].config.model_fields
+    return {k: v for k, v in method.items() if k in own}
+
+
 def stored_config_yaml(text: str) -> str:
     """A config.yaml written by an earlier spectune, read back through today's schema.
 
@@ -304,6 +226,7 @@ def stored_config_yaml(text: str) -> str:
         for path in RETIRED_KEYS:
             section, key = path.split(".")
             (data.get(section) or {}).pop(key, None)
+        data["method"] = flat_method(data.get("method") or {})
         return load_config(data).to_yaml()
     except Exception:  # noqa: BLE001 - unreadable under today's schema: compare the text as it is
         return text

@@ -1,7 +1,7 @@
 """Preference tuning (DPO, ORPO, CPO, SimPO) through TRL's trainers, under a spectral plan like any supervised run.
 
-``spectune train`` keeps one run loop (``spectune.train.trainer.run``); a preference
-objective changes three things in it, all here: the data (pairs, not token blocks),
+The preference recipe of ``spectune.train.run``: the same stages as the supervised
+recipes, with three things its own, all here: the data (pairs, not token blocks),
 the Trainer's arguments (TRL's config classes) and the Trainer class.
 
 Why subclasses with ``SpectralTrainer`` first in the method order rather than a
@@ -39,6 +39,7 @@ from spectune.analyze.builtin import model_path
 from spectune.train.config import TrainConfig
 from spectune.train.data import TextSplits
 from spectune.train.preference_data import drop_long_prompts, load_preference_data, trl_rows
+from spectune.train.recipes._common import TrainerParts, needed_splits
 from spectune.train.trainer import SpectralTrainer
 
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "cpo": 0.1, "simpo": 2.0}  # TRL's defaults; SimPO's paper uses 2.0-2.5
@@ -70,19 +71,13 @@ def check_model(cfg: TrainConfig) -> None:
             "head (use a decoder such as smollm2-135m)")
 
 
-def preference_splits(cfg: TrainConfig) -> TextSplits:
+def splits(cfg: TrainConfig) -> TextSplits:
     """The run's pairs, after checking the model can be preference-tuned at all."""
     check_model(cfg)
     return load_preference_data(cfg.data)
 
 
-def needed_splits(cfg: TrainConfig) -> list[str]:
-    """Splits that must keep at least one pair: train, the final evaluations', and validation when it is used."""
-    uses_validation = cfg.eval.every != "no" or "train" in cfg.eval.final_splits
-    return ["train", *cfg.eval.final_splits] + (["validation"] if uses_validation else [])
-
-
-def preference_inputs(splits: TextSplits, tok: Any, cfg: TrainConfig) -> tuple[dict[str, datasets.Dataset], dict[str, int]]:
+def inputs(splits: TextSplits, tok: Any, cfg: TrainConfig) -> tuple[dict[str, datasets.Dataset], dict[str, int]]:
     """Each split as TRL's rows (TRL tokenizes them itself) and how many pairs were dropped for a too-long prompt."""
     chat = cfg.data.format == "chat"
     if not chat and tok.eos_token is None:
@@ -248,18 +243,13 @@ def reference_model(model: torch.nn.Module) -> torch.nn.Module | None:
     return ref.eval()
 
 
-def build_trainer(cfg: TrainConfig, model: torch.nn.Module, tok: Any, args: TrainingArguments,
-                  data: dict[str, datasets.Dataset], callbacks: list[Any], group_fn: Any,
-                  guard: Any) -> SpectralTrainer:
+def trainer(parts: TrainerParts) -> SpectralTrainer:
     """The objective's Spectral*Trainer over the run's model, pairs, callbacks and plan groups."""
-    kw: dict[str, Any] = {
-        "model": model, "args": preference_args(args, cfg), "train_dataset": data["train"],
-        "eval_dataset": data["validation"], "processing_class": tok, "callbacks": callbacks,
-        "group_fn": group_fn, "guard": guard,
-    }
+    cfg = parts.cfg
+    kw: dict[str, Any] = {**parts.common(), "args": preference_args(parts.args, cfg), "processing_class": parts.tok}
     objective = cfg.method.objective
     if objective == "dpo":
-        return SpectralDPOTrainer(ref_model=reference_model(model), **kw)
+        return SpectralDPOTrainer(ref_model=reference_model(parts.model), **kw)
     if objective == "orpo":
         return SpectralORPOTrainer(**kw)
     return SpectralCPOTrainer(**kw)
