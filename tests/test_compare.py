@@ -56,6 +56,39 @@ def test_paired_differences_tests_and_counts():
     assert wtl.loc["better", "tasks_better"] == 1 and wtl.loc["noisy", "tasks_better"] == 0
 
 
+def test_paired_statistics_match_hand_computed_answers():
+    """Pinned by hand, not by the scipy calls the code makes.
+
+    d = [0.02, 0.03, 0.01, 0.02, 0.04, 0]: mean 0.02, sd = sqrt(0.001 / 5) = sqrt(2e-4), se = sd / sqrt(6), so
+    t = 0.02 / se = 2 * sqrt(3) with 5 degrees of freedom: two-sided p = 0.017963, and the 95% interval is
+    0.02 +/- t_{0.975,5} * se = 0.02 +/- 2.570582 * 0.0057735 = 0.02 +/- 0.014841. Wilcoxon drops the zero and
+    ranks 5 positive differences: the exact two-sided p is 2 / 2^5 = 0.0625.
+    """
+    base = [0.80, 0.82, 0.78, 0.81, 0.79, 0.80]
+    better = [b + d for b, d in zip(base, [0.02, 0.03, 0.01, 0.02, 0.04, 0.0])]
+    p = paired(_table({"base": base, "better": better}), "base").set_index("method").loc["better"]
+    assert p["diff"] == pytest.approx(0.02, abs=1e-12)
+    assert p["p_ttest"] == pytest.approx(0.017963, abs=5e-7)
+    assert (p["ci_low"], p["ci_high"]) == pytest.approx((0.02 - 0.014841, 0.02 + 0.014841), abs=5e-7)
+    assert p["p_wilcoxon"] == pytest.approx(0.0625, abs=1e-12)
+    assert p["p_adjusted"] == p["p_ttest"]  # one comparison: nothing to adjust
+
+
+def test_benjamini_hochberg_on_several_p_values_and_untestable_ones():
+    from spectune.compare.stats import bh_adjusted
+
+    # by hand: ranked 0.01, 0.012, 0.5 of m = 3 -> p * m / rank = 0.03, 0.018, 0.5; then the running minimum from
+    # the top makes the first 0.018 (a smaller p never gets a larger adjusted value)
+    assert bh_adjusted([0.01, 0.012, 0.5]) == pytest.approx([0.018, 0.018, 0.5], abs=1e-12)
+    assert bh_adjusted([0.5, 0.01, 0.012]) == pytest.approx([0.5, 0.018, 0.018], abs=1e-12)  # order kept
+    # a comparison with no test (one pair, or identical differences) stays NaN and is not counted in m
+    out = bh_adjusted([0.01, math.nan, 0.012, 0.5])
+    assert math.isnan(out[1]) and [out[0], out[2], out[3]] == pytest.approx([0.018, 0.018, 0.5], abs=1e-12)
+    assert np.isnan(bh_adjusted([math.nan, math.nan])).all() and bh_adjusted([]).size == 0
+    # m = 4, all small: 0.001 * 4 / 1, 0.002 * 4 / 2, 0.003 * 4 / 3, 0.004 * 4 / 4 = 0.004 each
+    assert bh_adjusted([0.004, 0.003, 0.002, 0.001]) == pytest.approx([0.004] * 4, abs=1e-12)
+
+
 def test_methods_can_have_their_own_baseline():
     df = _table({"full": [0.8, 0.8, 0.8], "lora": [0.6, 0.7, 0.65], "adaptive": [0.7, 0.75, 0.7]})
     p = paired(df, {"full": None, "lora": "full", "adaptive": "lora"}).set_index("method")
@@ -122,6 +155,12 @@ def test_grid_runs_keeps_failures_and_resumes_only_missing_cells(assets, tmp_pat
     ok = df[df["status"] == "ok"]
     assert ok["test_accuracy"].between(0, 1).all() and (ok["trainable_parameters"] > 0).all()
     assert ok["peak_memory_mb"].gt(0).all() and "gap_accuracy" in ok
+    # cost per cell: step time after the warm-up step, AdamW's state (two moments per trained element, a step
+    # counter per trained tensor), no CUDA peak on a CPU
+    assert ok["seconds_per_step"].between(0, 10).all() and ok["seconds_per_step"].gt(0).all()
+    assert (ok["optimizer_state_parameters"] > 2 * ok["trainable_parameters"]).all()
+    assert (ok["optimizer_state_parameters"] < 2 * ok["trainable_parameters"] + 1000).all()
+    assert ok["peak_gpu_memory_mb"].isna().all() or ok["peak_gpu_memory_mb"].gt(0).all()
     assert (ok.loc[ok["method"] == "full", "mean_lr_scale"] == 1.0).all()
     assert ok.loc[ok["method"] == "phased", "mean_lr_scale"].between(0.1, 1.0).all()
     on_disk = pd.read_parquet(tmp_path / "cmp" / "results.parquet")
@@ -137,9 +176,10 @@ def test_grid_runs_keeps_failures_and_resumes_only_missing_cells(assets, tmp_pat
     again = run_grid(cfg, progress=False)
     changed = {c for c, p in summaries.items() if p.stat().st_mtime_ns != before[c]}
     assert changed == {redo}
+    timings = ["wall_time_s", "train_runtime_s", "seconds_per_step", "peak_memory_mb", "peak_gpu_memory_mb", "analysis_time_s"]
     pd.testing.assert_frame_equal(
-        again[again["status"] == "ok"].drop(columns=["wall_time_s", "train_runtime_s", "peak_memory_mb", "analysis_time_s"]).reset_index(drop=True),
-        df[df["status"] == "ok"].drop(columns=["wall_time_s", "train_runtime_s", "peak_memory_mb", "analysis_time_s"]).reset_index(drop=True),
+        again[again["status"] == "ok"].drop(columns=timings).reset_index(drop=True),
+        df[df["status"] == "ok"].drop(columns=timings).reset_index(drop=True),
         check_exact=False, atol=1e-6,
     )  # the retrained cell reproduces its first result: same seed, same rows
 
@@ -222,3 +262,32 @@ def test_curve_puts_each_tasks_setting_beside_its_paired_difference(assets, tmp_
     assert curve["p_adjusted_curve"].to_numpy() == pytest.approx(sps.false_discovery_control(curve["p_ttest"].to_numpy()))
     assert (curve["p_adjusted_curve"] >= curve["p_adjusted"] - 1e-12).all()
     assert plot_curve(curve, "data.max_examples", tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_narrow_terminal_drops_columns_but_never_cuts_the_task_or_the_mean():
+    """In a 160-column log the printed table once cut the mean to `0.6…` and the task name to `for…`."""
+    import io
+
+    from rich.console import Console
+
+    from spectune.cli import _comparison_table
+    from spectune.compare.pareto import front_table
+    from spectune.compare.report import console_rows
+
+    task = "movie-sentiment-64-examples-long-task-name"
+    long = {f"full-alpha-balance-sqrt-{i}": [0.61234 + 0.01 * i + d for d in (0.0, 0.01, -0.01)] for i in range(3)}
+    df = _table(long).assign(task=task, peak_memory_mb=900.0, wall_time_s=30.0, seconds_per_step=0.25,
+                             optimizer_state_parameters=4.4e7, mean_lr_scale=1.0)
+    rows = pd.DataFrame(console_rows(summarize(df), paired(df, next(iter(long))), front_table(df)))
+    for width in (160, 100, 60):
+        table, left_out = _comparison_table("results", rows, width)
+        out = io.StringIO()
+        Console(file=out, width=width, color_system=None).print(table)
+        text = out.getvalue()
+        assert task in text and "…" not in text, text
+        for mean in rows["mean"]:
+            assert mean in text
+        assert "lr scale" in left_out and set(left_out).isdisjoint({"task", "mean", "method"})
+        assert ("peak mem" in left_out) == (width < 160)  # cost goes before the lower-value columns do
+    table, left_out = _comparison_table("results", rows, 400)
+    assert left_out == []  # a wide terminal shows every column

@@ -262,25 +262,69 @@ def train(
     _c.out.print(t)
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished training run folder (output.dir)")],
+    merged: Annotated[Path, typer.Option("--merged", help="write the merged model here: a standard Hugging Face "
+                                         "folder with the tokenizer")],
+) -> None:
+    """Merge a run's adapters into its base (QLoRA: into the dequantized base) and save a plain model folder."""
+    from spectune.train import TrainConfigError
+    from spectune.train.merge import MergeError, export_merged
+
+    try:
+        out = export_merged(run_dir, merged)
+    except (MergeError, TrainConfigError, FileNotFoundError) as err:
+        _error(err)
+        raise typer.Exit(2) from None
+    _c.out.print(f"merged model written to {escape(str(out))}")
+
+
+def _comparison_table(title: str, rows, width: int) -> tuple[Table, list[str]]:  # type: ignore[no-untyped-def]
+    """The results table fitted to ``width``: low-value columns dropped first, task and mean never cut."""
+    from spectune.compare.report import NEVER_CUT, fit_columns
+
+    cells = rows.map(_fmt)
+    columns = fit_columns(cells, width)
+    t = Table(title=escape(title))
+    for c in columns:
+        whole = c in NEVER_CUT
+        t.add_column(c, justify="left" if c in ("task", "method", "vs", "verdict", "front") else "right",
+                     no_wrap=whole, overflow="fold", min_width=max([len(c)] + [len(v) for v in cells[c]]) if whole else None)
+    for rec in cells[columns].to_dict(orient="records"):
+        t.add_row(*(rec[c] for c in columns))
+    return t, [c for c in rows.columns if c not in columns]
+
+
 def _print_comparison(result) -> None:  # type: ignore[no-untyped-def]
     import pandas as pd
 
     from spectune.compare.report import console_rows
 
-    rows = pd.DataFrame(console_rows(result.tables["summary"], result.tables["paired"]))
+    rows = pd.DataFrame(console_rows(result.tables["summary"], result.tables["paired"], result.tables.get("front")))
     if rows.empty:
         _c.out.print("no finished cell")
         return
-    _c.out.print(_table("results (test split; 95% intervals over seeds; paired differences to the baseline)",
-                        rows, list(rows.columns)))
+    out = _c.out
+    table, left_out = _comparison_table("results (test split; 95% intervals over seeds; paired differences to the "
+                                        "baseline; peak memory; front: on the quality-memory front)", rows, out.width)
+    out.print(table)
+    if left_out:
+        out.print(f"(left out for the width: {', '.join(left_out)}; every column is in summary.csv and the report)",
+                  markup=False)
+    for line in result.advice:
+        out.print(f"recommended: {line}", markup=False, highlight=False)
+    for line in result.exported:
+        out.print(f"exported: {line}", markup=False, highlight=False)
     failed = result.results[result.results["status"] != "ok"] if "status" in result.results else []
     if len(failed):
-        _c.out.print(f"[red]{len(failed)} cell(s) failed[/]: see failed.json in their folders")
-    _c.out.print(f"report: {result.report}", markup=False)
+        out.print(f"[red]{len(failed)} cell(s) failed[/]: see failed.json in their folders")
+    out.print(f"report: {result.report}", markup=False)
 
 
 def _run_comparison(cfg, command: str, search_only: bool = False, worker: bool = False,  # type: ignore[no-untyped-def]
-                    workers: int = 1, report_only: bool = False) -> None:
+                    workers: int = 1, report_only: bool = False, budgets_mb: list[float] | None = None,
+                    export_dir: Path | None = None) -> None:
     from spectune.compare.grid import StaleCell
     from spectune.compare.run import compare as run_compare, search_only as run_search_only, work
     from spectune.compare.search import SearchError
@@ -303,7 +347,7 @@ def _run_comparison(cfg, command: str, search_only: bool = False, worker: bool =
 
         terminal = _c.out.is_terminal
         result = run_compare(cfg, progress=terminal, command=command, on_line=line, on_cell=None if terminal else cell_line,
-                             workers=workers, report_only=report_only)
+                             workers=workers, report_only=report_only, budgets_mb=budgets_mb, export_dir=export_dir)
     except (StaleCell, SearchError) as err:
         _error(err)
         raise typer.Exit(2) from None
@@ -322,6 +366,12 @@ def compare(
     worker: Annotated[bool, typer.Option("--worker", hidden=True, help="a helper started by --workers")] = False,
     report_only: Annotated[bool, typer.Option("--report-only", help="train nothing: write the tables and report of "
                                               "the cells and trials finished so far")] = False,
+    budget: Annotated[Optional[list[str]], typer.Option(
+        "--budget", help="a peak-memory budget (4GB, 512MB; repeatable): one recommendation per task and budget, the "
+        "least-memory method nothing within it beats significantly (default: along the quality-memory front)")] = None,
+    export_best: Annotated[Optional[Path], typer.Option(
+        "--export-best", help="write each task's recommended method (within the first --budget) to DIR/<task>/: its "
+        "full training config with the searched values (for spectune train) and, for adapters, adapter_config.json")] = None,
 ) -> None:
     """Run a grid of methods x tasks x seeds (resuming finished cells) and report paired statistics.
 
@@ -329,13 +379,16 @@ def compare(
     from spectune.compare import load_compare_config
     from spectune.train import TrainConfigError
 
+    from spectune.compare.pareto import parse_budget
+
     try:
         cfg = load_compare_config(config, overrides or [])
-    except TrainConfigError as err:
+        budgets_mb = [parse_budget(b) for b in budget or []]
+    except (TrainConfigError, ValueError) as err:
         _error(err)
         raise typer.Exit(2) from None
     _run_comparison(cfg, " ".join(["spectune compare", str(config), *(overrides or [])]), search_only, worker, workers,
-                    report_only)
+                    report_only, budgets_mb or None, export_best)
 
 
 @app.command()

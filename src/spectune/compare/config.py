@@ -110,6 +110,9 @@ class CompareConfig(BaseModel):
     order: Literal["seed", "task"] = Field(
         "seed", description="seed: every task and method of a seed before the next seed (a grid cut short is still "
         "paired everywhere); task: every seed of a task (and its search) before the next task (results arrive task by task)")
+    stale_after_s: float = Field(
+        900, gt=0, description="a final cell whose claim file its worker has not touched for this long is taken over "
+        "(a worker on another machine that died); a worker on this machine that exits is seen at once")
     curve: str | None = Field(
         None, description="a dotted cell-config path whose value differs between tasks (data.max_examples): the "
         "report plots each method's paired difference against it, one line per task family (data.name or data.path)")

@@ -11,6 +11,7 @@ grid goes on, and a later run tries it again.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 import traceback
@@ -28,8 +29,10 @@ RESULTS = "results"  # results.parquet and results.csv in the output folder
 FAILED_FILE = "failed.json"
 # Identity columns first, then what a reader looks for; metric columns follow in sorted order.
 ID_COLUMNS = ["task", "method", "seed", "status", "task_type", "method_kind", "policy"]
-COST_COLUMNS = ["mean_lr_scale", "trainable_parameters", "trainable_parameters_end", "total_parameters", "wall_time_s", "train_runtime_s", "analysis_time_s",
-                "peak_memory_mb", "global_step"]
+COST_COLUMNS = ["mean_lr_scale", "trainable_parameters", "trainable_parameters_end", "total_parameters",
+                "optimizer_state_parameters", "optimizer_state_mb", "wall_time_s", "train_runtime_s", "seconds_per_step",
+                "analysis_time_s", "peak_memory_mb", "peak_gpu_memory_mb", "global_step"]
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT cell's adapter config as trained (what --export-best hands out)
 
 
 class StaleCell(RuntimeError):
@@ -63,7 +66,8 @@ def row_from_summary(cell: Cell, summary: dict[str, Any]) -> dict[str, Any]:
         "task_type": summary.get("task"), "method_kind": summary.get("method"), "policy": summary.get("policy") or "",
     }
     for k in COST_COLUMNS:
-        row[k] = summary.get(k)
+        v = summary.get(k)
+        row[k] = math.nan if v is None else v
     for k, v in (summary.get("metrics") or {}).items():
         if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_samples_per_second", "_steps_per_second")):
             row[k] = float(v)
@@ -94,7 +98,8 @@ def run_cell(cfg: CompareConfig, cell: Cell, values: dict[str, Any] | None = Non
     """
     from spectune.train.checkpoints import CheckpointError
     from spectune.train.config import stored_config_yaml
-    from spectune.train.trainer import last_checkpoint, required_state, run
+    from spectune.train.checkpoints import last_checkpoint
+    from spectune.train.run_folder import required_state
 
     folder = cell_dir(cfg, cell.task, cell.method, cell.seed)
     summary_path = folder / "summary.json"
@@ -116,21 +121,58 @@ def run_cell(cfg: CompareConfig, cell: Cell, values: dict[str, Any] | None = Non
         resume = False  # no usable checkpoint: the cell starts over (its folder holds nothing else worth keeping)
     if folder.exists() and not resume:
         shutil.rmtree(folder)  # a cell cut short before its first checkpoint: nothing in it to keep
-    _memory.reset_peak()
     t = time.perf_counter()
     try:
-        run(train_cfg, resume=resume)
+        summary = train_measured(train_cfg, resume=resume, callbacks=[adapter_recorder(folder)])
     except Exception as err:  # noqa: BLE001 - one failed cell must not end the grid; the row says what happened
         msg = f"{type(err).__name__}: {err}"
         _io.write_json(folder / FAILED_FILE, {"error": msg, "traceback": traceback.format_exc()})
         return {"task": cell.task, "method": cell.method, "seed": cell.seed, "status": "failed", "error": msg,
                 "wall_time_s": time.perf_counter() - t}
-    summary = json.loads(summary_path.read_text())
-    # in one long process ru_maxrss keeps the biggest cell's peak; this is the peak of this cell alone
-    summary["peak_memory_mb"] = _memory.peak_rss_mb()
-    _io.write_json(summary_path, summary)
     (folder / FAILED_FILE).unlink(missing_ok=True)
     return _row(cell, summary, folder)
+
+
+def train_measured(train_cfg: Any, resume: bool = False, callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Train one run with its peaks measured for it alone, and return its summary.json (written back with them).
+
+    Cells and search trials share a long-lived process, whose lifetime peaks keep the
+    biggest run's: the resident and CUDA peaks are reset before the run and read after
+    it (loading, training and final evaluation). Step time and optimizer-state size are
+    the training run's own (``spectune.train.cost.CostCallback``).
+    """
+    from spectune.train.run import run
+
+    _memory.release_free_heap()
+    _memory.reset_peak()
+    _memory.reset_cuda_peak()
+    run(train_cfg, resume=resume, extra_callbacks=list(callbacks or []))
+    path = Path(train_cfg.output.dir) / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["peak_memory_mb"] = _memory.peak_rss_mb()
+    summary["peak_gpu_memory_mb"] = _memory.cuda_peak_mb()
+    _io.write_json(path, summary)
+    return summary  # type: ignore[no-any-return]
+
+
+def adapter_recorder(folder: Path) -> Any:
+    """A Trainer callback that writes a PEFT model's adapter config (``adapter_config.json``) to ``folder``.
+
+    Written when training begins, from the model as built (targets, per-module ranks of
+    a rank plan, the initialisation), so the config a cell trained with can be handed
+    out without its weights (``spectune compare --export-best``).
+    """
+    from transformers import TrainerCallback
+
+    class AdapterConfigRecord(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            configs = getattr(model, "peft_config", None)
+            if isinstance(configs, dict) and configs:
+                folder.mkdir(parents=True, exist_ok=True)
+                config = next(iter(configs.values())).to_dict()  # PEFT's own fields, as from_pretrained reads them
+                _io.write_json(folder / ADAPTER_CONFIG, {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()})
+
+    return AdapterConfigRecord()
 
 
 def _row(cell: Cell, summary: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -197,16 +239,17 @@ def run_grid(cfg: CompareConfig, progress: bool = True,
                     continue
                 values = chosen(cell.task, cell.method) if chosen else None
                 claim = claim_path(cfg, cell)
-                if not _finished(cfg, cell) and not _claim.try_claim(claim):
+                if not _finished(cfg, cell) and not _claim.try_claim(claim, cfg.stale_after_s):
                     others.append(cell)  # another process trains it; read it when it is done
                     continue
                 if bar is not None:
                     bar.start(cell)
                 try:
-                    finish(cell, run_cell(cfg, cell, values))
+                    with _claim.Heartbeat(lambda: _claim.touch(claim), _claim.beat_every(cfg.stale_after_s)):
+                        finish(cell, run_cell(cfg, cell, values))
                 finally:
                     _claim.release(claim)
-            ready = [c for c in others if not _claim.held(claim_path(cfg, c))]
+            ready = [c for c in others if not _claim.held(claim_path(cfg, c), cfg.stale_after_s)]
             for cell in ready:
                 if _finished(cfg, cell) or not (cell_dir(cfg, cell.task, cell.method, cell.seed) / FAILED_FILE).exists():
                     continue  # trained (read next pass) or never started (claimed next pass)

@@ -13,6 +13,7 @@ import pandas as pd
 from spectune import _io
 from spectune._html import figure, gallery, page, save_png, table
 from spectune.compare.config import CompareConfig, baseline_of
+from spectune.compare.pareto import fmt_mb, front_table, plot_front, recommendations
 from spectune.compare.stats import bh_adjusted, higher_is_better, paired, summarize, task_metrics, win_tie_loss
 
 COLORS = {"better": "#2a7d2a", "worse": "#b22222", "no clear difference": "#555555", "too few pairs": "#999999"}
@@ -127,7 +128,7 @@ def comparison_tables(df: pd.DataFrame, cfg: CompareConfig) -> dict[str, pd.Data
     """The tables a report shows, from the tidy results."""
     summary = summarize(df, cfg.metric)
     pairs = paired(df, {m: baseline_of(cfg, m) for m in cfg.methods}, cfg.metric, cfg.tie_tolerance)
-    return {"summary": summary, "paired": pairs, "win_tie_loss": win_tie_loss(pairs)}
+    return {"summary": summary, "paired": pairs, "win_tie_loss": win_tie_loss(pairs), "front": front_table(df, cfg.metric)}
 
 
 def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path) -> None:
@@ -243,14 +244,52 @@ def _search_html(cfg: CompareConfig, search: Any, plots: Path) -> list[str]:
     return body
 
 
+FRONT_COLUMNS = ["task", "method", "metric", "n", "mean", "ci_low", "ci_high", "memory_mb", "memory_ci_low",
+                 "memory_ci_high", "time_s", "on_memory_front", "memory_dominated_by", "on_time_front", "beaten_by"]
+
+
+def task_figures(df: pd.DataFrame, tables: dict[str, pd.DataFrame], task: str, plots: Path) -> list[tuple[str, Path]]:
+    """A task's figures: scores, differences, quality against memory and time, trainable parameters, gap."""
+    summary, pairs, front = tables["summary"], tables["paired"], tables.get("front", pd.DataFrame())
+    figs = [("scores", plot_scores(df, summary, task, plots / f"{task}_scores.png"))]
+    if not pairs.empty and (pairs["task"] == task).any():
+        figs.append(("differences", plot_differences(pairs, task, plots / f"{task}_differences.png")))
+    mine = front[front["task"] == task] if not front.empty else front
+    for kind, cost in (("memory", "memory_mb"), ("time", "time_s")):
+        if not mine.empty and np.isfinite(mine[cost].astype(float)).any():
+            figs.append((kind, plot_front(front, task, kind, plots / f"{task}_{kind}.png")))
+    if (summary[summary["task"] == task]["trainable_parameters"] > 0).any():
+        figs.append(("cost", plot_cost(summary, task, plots / f"{task}_cost.png")))
+    if summary[summary["task"] == task]["gap"].notna().any():
+        figs.append(("gap", plot_gap(summary, task, plots / f"{task}_gap.png")))
+    return figs
+
+
+def _front_html(front: pd.DataFrame, advice: list[str]) -> list[str]:
+    if front.empty:
+        return []
+    esc = html.escape
+    shown = front[[c for c in FRONT_COLUMNS if c in front]]
+    return ["<h2>Quality against cost</h2>",
+            "<p>A method is on the front when no method with lower or equal peak memory (within 5%) is significantly "
+            "better: its paired 95% interval over matched seeds lies wholly on the good side of 0 (better within noise "
+            "does not count). The recommendation within a budget is the least-memory method that nothing within the "
+            "budget beats significantly.</p>",
+            "<ul>" + "".join(f"<li>{esc(a)}</li>" for a in advice) + "</ul>",
+            table(shown, row_class=["good" if f else "" for f in shown["on_memory_front"]])]
+
+
 def write_report(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, command: str | None = None,
-                 tables: dict[str, pd.DataFrame] | None = None, search: Any = None) -> Path:
+                 tables: dict[str, pd.DataFrame] | None = None, search: Any = None, advice: list[str] | None = None) -> Path:
     """Tables (CSV), plots (PNG) and ``report.html`` in ``out_dir``; returns the report's path.
 
-    ``search`` (a SearchResult) adds the chosen values, the score-against-rate plots and the trial table.
+    ``search`` (a SearchResult) adds the chosen values, the score-against-rate plots and the trial table;
+    ``advice`` are the recommendation lines (default: one per task along the quality-memory front).
     """
     out = Path(out_dir)
     tables = tables if tables is not None else comparison_tables(df, cfg)
+    if advice is None:
+        advice = recommendations(tables["front"])
     write_tables(tables, out)
     summary, pairs = tables["summary"], tables["paired"]
     plots = out / "plots"
@@ -272,6 +311,7 @@ def write_report(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, comm
         body.append(f"<p class=warn>{done} of {total} cells finished; the statistics use those.</p>")
     body += ["<h2>Findings</h2>", "<ul>" + "".join(f"<li>{esc(s)}</li>" for s in findings(pairs, summary)) + "</ul>"
              if not pairs.empty else "<p>No paired comparison yet.</p>"]
+    body += _front_html(tables["front"], advice)
     if not pairs.empty:
         classes = ["good" if v == "better" else "bad" if v == "worse" else "" for v in pairs["verdict"]]
         body += ["<h2>Paired differences against the baseline</h2>",
@@ -281,13 +321,7 @@ def write_report(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, comm
                  "<h2>Wins, ties and losses over all tasks</h2>", table(tables["win_tie_loss"])]
     body += ["<h2>Mean and interval per method</h2>", table(summary)]
     for task in task_metrics(df, cfg.metric):
-        figs = [("scores", plot_scores(df, summary, task, plots / f"{task}_scores.png"))]
-        if not pairs.empty and (pairs["task"] == task).any():
-            figs.append(("differences", plot_differences(pairs, task, plots / f"{task}_differences.png")))
-        if (summary[summary["task"] == task]["trainable_parameters"] > 0).any():
-            figs.append(("cost", plot_cost(summary, task, plots / f"{task}_cost.png")))
-        if summary[summary["task"] == task]["gap"].notna().any():
-            figs.append(("gap", plot_gap(summary, task, plots / f"{task}_gap.png")))
+        figs = task_figures(df, tables, task, plots)
         body += [f"<h2>Task {esc(task)}</h2>", gallery([(f"{task}: {k}", p) for k, p in figs], "plot")]
     if search is not None and cfg.search is not None:
         body += _search_html(cfg, search, plots)
@@ -304,7 +338,7 @@ def write_report(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, comm
 
 
 def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, command: str | None = None,
-                   tables: dict[str, pd.DataFrame] | None = None, search: Any = None) -> Path:
+                   tables: dict[str, pd.DataFrame] | None = None, search: Any = None, advice: list[str] | None = None) -> Path:
     """``results.md``: the findings and the per-task table in Markdown, figures linked from ``plots/``.
 
     Written beside report.html so a comparison can be committed to a repository's
@@ -312,7 +346,8 @@ def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, co
     """
     out = Path(out_dir)
     tables = tables if tables is not None else comparison_tables(df, cfg)
-    rows = pd.DataFrame(console_rows(tables["summary"], tables["paired"]))
+    rows = pd.DataFrame(console_rows(tables["summary"], tables["paired"], tables["front"]))
+    advice = recommendations(tables["front"]) if advice is None else advice
     lines = [f"# {md_escape(cfg.name)}", ""]
     if command:
         lines += [f"Reproduce: {md_code(command)}", ""]
@@ -327,10 +362,15 @@ def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, co
         *[f"- {s}" for s in findings(tables["paired"], tables["summary"])],
         "",
     ]
+    if advice:
+        lines += ["## What to run (quality against peak memory)", "",
+                  "On the front: no method with lower or equal memory is significantly better (paired 95% interval); "
+                  "the recommendation is the least-memory method nothing within the budget beats.", "",
+                  *[f"- {md_escape(a)}" for a in advice], ""]
     for task in task_metrics(df, cfg.metric):
         part = rows[rows["task"] == task].drop(columns=["task"])
         lines += [f"## {task}", "", part.to_markdown(index=False, floatfmt=".4g"), ""]
-        for kind in ("scores", "differences", "cost", "gap"):
+        for kind in ("scores", "differences", "memory", "time", "cost", "gap"):
             if (out / "plots" / f"{task}_{kind}.png").exists():
                 lines.append(f"![{task} {kind}](plots/{task}_{kind}.png)")
         lines.append("")
@@ -377,11 +417,37 @@ def _count(n: float) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
 
 
-def console_rows(summary: pd.DataFrame, pairs: pd.DataFrame) -> list[dict[str, Any]]:
-    """The printed results table: a row per task and method with its interval and its paired verdict."""
+# the printed table's columns, most wanted first: a narrow terminal loses them from the end of this list; the task
+# and the mean (the number a reader came for) are never cut, the method is never dropped (it wraps when it must);
+# the report and summary.csv keep every column
+CONSOLE_PRIORITY = ["task", "mean", "method", "95% CI", "difference [95% CI]", "verdict", "peak mem", "front", "vs", "n",
+                    "s/step", "p", "w/t/l", "trainable", "time_s", "optim state", "lr scale"]
+NEVER_CUT = ("task", "mean")
+NEVER_DROPPED = NEVER_CUT + ("method",)
+
+
+def fit_columns(rows: pd.DataFrame, width: int, padding: int = 3) -> list[str]:
+    """The columns of ``rows`` that fit in ``width`` characters, in the table's order, dropping the least wanted first.
+
+    A column needs its longest cell (or header) plus ``padding`` (rich's table: a space either
+    side and a rule); ``task``, ``mean`` and ``method`` are kept whatever the width.
+    """
+    need = {c: max([len(str(c))] + [len(str(v)) for v in rows[c]]) + padding for c in rows}
+    keep = [c for c in CONSOLE_PRIORITY if c in need] + [c for c in need if c not in CONSOLE_PRIORITY]
+    while sum(need[c] for c in keep) + 1 > width and any(c not in NEVER_DROPPED for c in keep):
+        keep.remove(next(c for c in reversed(keep) if c not in NEVER_DROPPED))
+    return [c for c in rows if c in keep]
+
+
+def console_rows(summary: pd.DataFrame, pairs: pd.DataFrame, front: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+    """The printed results table: a row per task and method with its interval, its paired verdict and its costs
+    (peak memory: the CUDA peak where recorded, else resident; ``front``: on the quality-memory front)."""
     rows = []
+    on_front = {(r["task"], r["method"]): bool(r["on_memory_front"]) for _, r in front.iterrows()} \
+        if front is not None and not front.empty else {}
     for _, r in summary.iterrows():
         p = pairs[(pairs["task"] == r["task"]) & (pairs["method"] == r["method"])] if not pairs.empty else pairs
+        gpu = r.get("peak_gpu_memory_mb", math.nan)
         rows.append({
             "task": r["task"], "method": r["method"], "n": r["n"], "mean": f"{r['mean']:.3f}",
             "95% CI": f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if math.isfinite(r["ci_low"]) else "-",
@@ -392,6 +458,10 @@ def console_rows(summary: pd.DataFrame, pairs: pd.DataFrame) -> list[dict[str, A
             "w/t/l": f"{p['wins'].iloc[0]}/{p['ties'].iloc[0]}/{p['losses'].iloc[0]}" if len(p) else "",
             "verdict": p["verdict"].iloc[0] if len(p) else "",
             "lr scale": f"{r.get('mean_lr_scale', math.nan):.2f}", "trainable": _count(r["trainable_parameters"]),
+            "optim state": _count(r.get("optimizer_state_parameters", math.nan)),
+            "peak mem": fmt_mb(gpu if math.isfinite(gpu) else r.get("peak_memory_mb", math.nan)),
+            "s/step": f"{r['seconds_per_step']:.3g}" if math.isfinite(r.get("seconds_per_step", math.nan)) else "-",
             "time_s": f"{r['wall_time_s']:.0f}",
+            "front": {True: "yes", False: "no"}.get(on_front.get((r["task"], r["method"])), ""),  # type: ignore[call-overload]
         })
     return rows

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from spectune import _io
-from spectune._claim import holder_gone, worker_id
+from spectune._claim import Heartbeat, beat_every, holder_gone, worker_id
 from spectune.compare.config import METRIC_DIRECTION, CompareConfig, ParamSpace, cell_data, merge
 
 SEARCH_DIR = "search"
@@ -43,6 +42,9 @@ CHOSEN_FILE = "chosen.json"
 TRIALS_FILE = "trials.csv"
 # reasons a trial is closed without training; they are bookkeeping, not results
 SKIPPED = ("over budget", "duplicate")
+# what trials.csv records of each trial's cost (from its runs' summary.json; NaN where a run predates the measure)
+TRIAL_COSTS = ("peak_memory_mb", "peak_gpu_memory_mb", "seconds_per_step", "wall_time_s", "trainable_parameters",
+               "optimizer_state_parameters")
 
 
 class SearchError(RuntimeError):
@@ -155,6 +157,10 @@ def search_dir(cfg: CompareConfig) -> Path:
     return Path(cfg.output_dir) / SEARCH_DIR
 
 
+class StorageError(SearchError):
+    """``search.storage`` cannot be opened: one line naming the field, the cause and what to do."""
+
+
 def storage(cfg: CompareConfig) -> Any:
     """The shared Optuna storage: an RDB URL as given, else a journal file (default: in the output folder)."""
     import optuna
@@ -163,10 +169,70 @@ def storage(cfg: CompareConfig) -> Any:
     assert cfg.search is not None
     where = cfg.search.storage
     if where and "://" in where:
-        return optuna.storages.RDBStorage(where)
+        return rdb_storage(where)
     path = Path(where) if where else search_dir(cfg) / "optuna.journal"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    except OSError as err:
+        raise StorageError(f"search.storage: cannot write the journal file {path} ({err.strerror or err}): give a path "
+                           "in a folder this process can write") from None
+
+
+def rdb_url(url: str) -> str:
+    """``postgresql://`` through psycopg 3 (``spectune[postgres]``) where it is installed and psycopg2 is not.
+
+    SQLAlchemy's default PostgreSQL driver was psycopg2 before 2.1; a URL that names
+    its driver (``postgresql+psycopg2://``) is kept as written.
+    """
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgresql", "postgres") and importlib.util.find_spec("psycopg") is not None \
+            and importlib.util.find_spec("psycopg2") is None:
+        return f"postgresql+psycopg{sep}{rest}"
+    return url
+
+
+def rdb_storage(url: str) -> Any:
+    """Optuna's RDB storage at ``url``; a missing driver, a server that cannot be reached or refuses, and an
+    SQLite file that cannot be written each end in one ``StorageError`` line instead of a traceback."""
+    import optuna
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    url = rdb_url(url)
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError as err:
+        raise StorageError(f"search.storage: {url!r} is not a database URL ({err}): write dialect://user@host:port/db, "
+                           "sqlite:///path.db, or a journal file path") from None
+    shown = parsed.render_as_string(hide_password=True)
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql":
+        kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 10}}  # an unreachable host fails in seconds
+    try:
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except ImportError as err:
+        missing = getattr(err.__cause__, "name", None) or "its driver"
+        raise StorageError(f"search.storage: {shown} needs the database driver {missing!r}, which is not installed: "
+                           "pip install 'spectune[postgres]' for PostgreSQL (postgresql:// or postgresql+psycopg://), "
+                           "or install the driver the URL names") from None
+    except (OSError, sqlalchemy.exc.SQLAlchemyError) as err:
+        raise StorageError(_storage_failure(shown, parsed.get_backend_name(), parsed.database, err)) from None
+
+
+def _storage_failure(shown: str, backend: str, database: str | None, err: BaseException) -> str:
+    orig = getattr(err, "orig", None) or err
+    reason = " ".join(str(getattr(orig, "strerror", None) or orig).split()).split(" (Background on")[0]
+    if backend == "sqlite":
+        return (f"search.storage: cannot open the SQLite file {database} ({reason}): its folder must exist and be "
+                "writable by this process; give another path, or leave search.storage unset (a journal file in the "
+                "output folder)")
+    return (f"search.storage: cannot connect to {shown} ({reason[:300]}): start the server, or fix the host, port, "
+            "user, password or database name in the URL (every worker must reach it)")
 
 
 def objective_metric(cfg: CompareConfig, task: str) -> str:
@@ -266,31 +332,6 @@ def _live(study: Any, below: int | None = None, waiting: bool = False) -> list[A
     return [t for t in study.get_trials(deepcopy=False, states=states) if below is None or t.number < below]
 
 
-class _Heartbeat:
-    """Writes ``alive_at`` on the running trial every ``every`` seconds (workers on other hosts read it)."""
-
-    def __init__(self, study: Any, trial_id: int, every: float = 60.0) -> None:
-        self.study, self.trial_id, self.every = study, trial_id, every
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self.stop_event.wait(self.every):
-            try:
-                self.study._storage.set_trial_user_attr(self.trial_id, "alive_at", time.time())
-            except Exception:  # noqa: BLE001 - a missed beat only makes the trial look older; the run goes on
-                pass
-
-    def __enter__(self) -> "_Heartbeat":
-        self.study._storage.set_trial_user_attr(self.trial_id, "alive_at", time.time())
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=5)
-
-
 def _claim(study: Any, cfg: CompareConfig, space: dict[str, Any]) -> Any | None:
     """Ask for a trial the budget allows and no live trial already has; None when the budget is spent."""
     import optuna.distributions as od
@@ -339,12 +380,13 @@ class TrialRunner:
     def __call__(self, trial: Any) -> float:
         import optuna
 
+        from spectune.compare.grid import train_measured
         from spectune.train import load_config
-        from spectune.train.trainer import run
 
         assert self.cfg.search is not None
         search = self.cfg.search
         scores: dict[str, float] = {}
+        costs: list[dict[str, Any]] = []
         for i, seed in enumerate(search.seeds):
             folder = self.folder(trial.number, seed)
             summary = folder / "summary.json"
@@ -357,16 +399,28 @@ class TrialRunner:
             if not summary.exists():
                 if folder.exists():
                     shutil.rmtree(folder)  # a half-run search cell keeps no checkpoints: start it over
-                run(tc, extra_callbacks=callbacks)
-            metrics = json.loads(summary.read_text())["metrics"]
-            value = float(metrics[f"validation_{self.metric}"])
+                train_measured(tc, callbacks=callbacks)  # peaks reset per run: a trial's cost is its own
+            done = json.loads(summary.read_text())
+            value = float(done["metrics"][f"validation_{self.metric}"])
             scores[str(seed)] = value
+            costs.append({k: done.get(k) for k in TRIAL_COSTS})
             trial.set_user_attr("seed_values", scores)
+            trial.set_user_attr("cost", trial_cost(costs))
             if search.prune_on == "seed" and i + 1 < len(search.seeds):
                 trial.report(float(np.mean(list(scores.values()))), i)
                 if trial.should_prune():
                     raise optuna.TrialPruned()
         return float(np.mean(list(scores.values())))
+
+
+def trial_cost(per_seed: list[dict[str, Any]]) -> dict[str, float]:
+    """A trial's cost from its search seeds' runs: the highest peaks, the mean step time, the sizes (the same per seed)."""
+    out: dict[str, float] = {}
+    for k in TRIAL_COSTS:
+        vals = [float(c[k]) for c in per_seed if c.get(k) is not None and math.isfinite(float(c[k]))]
+        if vals:
+            out[k] = max(vals) if k.startswith("peak_") else float(np.mean(vals))
+    return out
 
 
 def epoch_reporter(trial: Any, seed_index: int, metric: str) -> Any:
@@ -395,7 +449,7 @@ def run_study(cfg: CompareConfig, task: str, method: str, on_line: Callable[[str
     import optuna
     from optuna.trial import TrialState
 
-    from spectune.train.trainer import TrainingDiverged
+    from spectune.train.stages import TrainingDiverged
 
     assert cfg.search is not None
     study = open_study(cfg, task, method, store)
@@ -411,7 +465,8 @@ def run_study(cfg: CompareConfig, task: str, method: str, on_line: Callable[[str
             break
         values = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
         try:
-            with _Heartbeat(study, trial._trial_id):
+            beat = lambda: study._storage.set_trial_user_attr(trial._trial_id, "alive_at", time.time())  # noqa: E731
+            with Heartbeat(beat, beat_every(cfg.search.stale_after_s)):
                 value = runner(trial)
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
@@ -470,7 +525,8 @@ def trial_table(study: Any, task: str, method: str) -> pd.DataFrame:
                      **{f"seed:{k}": v for k, v in seeds.items()},
                      "reason": reason, "worker": t.user_attrs.get("worker", ""),
                      "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
-                     if t.datetime_complete and t.datetime_start else math.nan})
+                     if t.datetime_complete and t.datetime_start else math.nan,
+                     **{k: t.user_attrs.get("cost", {}).get(k, math.nan) for k in TRIAL_COSTS}})
     return pd.DataFrame(rows)
 
 

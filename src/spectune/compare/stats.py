@@ -17,6 +17,7 @@ removes the between-seed variance that dominates low-data fine-tuning.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -84,12 +85,27 @@ def summarize(df: pd.DataFrame, metric: str = "auto") -> pd.DataFrame:
                 "validation_mean": float(part[col.replace("test_", "validation_", 1)].mean())
                 if col.replace("test_", "validation_", 1) in part else math.nan,
                 "gap": float(part[gap[0]].mean()) if gap else math.nan, "gap_metric": gap[0] if gap else "",
-                "mean_lr_scale": float(part["mean_lr_scale"].mean()) if "mean_lr_scale" in part else math.nan,
-                "trainable_parameters": float(part["trainable_parameters"].mean()) if "trainable_parameters" in part else math.nan,
-                "wall_time_s": float(part["wall_time_s"].mean()) if "wall_time_s" in part else math.nan,
-                "peak_memory_mb": float(part["peak_memory_mb"].mean()) if "peak_memory_mb" in part else math.nan,
+                **cost_summary(part),
             })
     return pd.DataFrame(rows)
+
+
+# costs that vary from seed to seed get an interval; sizes fixed by the method get their mean
+INTERVAL_COSTS = ("peak_memory_mb", "peak_gpu_memory_mb", "seconds_per_step", "wall_time_s")
+MEAN_COSTS = ("mean_lr_scale", "trainable_parameters", "optimizer_state_parameters", "optimizer_state_mb")
+
+
+def cost_summary(part: pd.DataFrame) -> dict[str, float]:
+    """A method's costs over its seeds: mean and 95% interval (``<cost>_ci_low/high``) of the measured ones,
+    the mean of the sizes; NaN where no cell recorded it (runs from before it was measured)."""
+    out: dict[str, float] = {}
+    for c in MEAN_COSTS + INTERVAL_COSTS:
+        values = pd.to_numeric(part[c], errors="coerce").to_numpy(dtype=float) if c in part else np.array([])
+        mean, lo, hi = t_interval(values)
+        out[c] = mean
+        if c in INTERVAL_COSTS:
+            out[f"{c}_ci_low"], out[f"{c}_ci_high"] = lo, hi
+    return out
 
 
 def verdict(low: float, high: float, higher_better: bool) -> str:
@@ -112,6 +128,15 @@ def bh_adjusted(p_values: Any) -> np.ndarray:
     return adj
 
 
+def per_task(df: pd.DataFrame, metric: str = "auto") -> Iterator[tuple[str, str, pd.DataFrame, pd.DataFrame]]:
+    """(task, its ranked column, its finished cells, the column pivoted to seed x method) for each task that has it."""
+    ok = _ok(df)
+    for task, col in task_metrics(df, metric).items():
+        part = ok[ok["task"] == task]
+        if col in part:
+            yield task, col, part, part.pivot_table(index="seed", columns="method", values=col, aggfunc="first")
+
+
 def paired(df: pd.DataFrame, baseline: str | dict[str, str | None], metric: str = "auto",
            tie_tolerance: float = 0.0) -> pd.DataFrame:
     """Every method against its baseline per task, over the seeds both finished.
@@ -121,13 +146,8 @@ def paired(df: pd.DataFrame, baseline: str | dict[str, str | None], metric: str 
     ``wins`` count seeds where the method is better by more than ``tie_tolerance``.
     """
     rows = []
-    ok = _ok(df)
-    for task, col in task_metrics(df, metric).items():
-        part = ok[ok["task"] == task]
-        if col not in part:
-            continue
+    for task, col, part, wide in per_task(df, metric):
         up = higher_is_better(col)
-        wide = part.pivot_table(index="seed", columns="method", values=col, aggfunc="first")
         task_rows = []
         for method in part["method"].unique():
             base = baseline.get(method) if isinstance(baseline, dict) else (baseline if method != baseline else None)
