@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from spectune._config import ConfigError, apply_overrides, load_model  # noqa: F401  (re-exported)
 
 from spectune.train.data import DataConfig
-from spectune.train.methods import MethodConfig, kind_problem, plan_problem
+from spectune.train.methods import MethodConfig, kind_problem, merge_problem, plan_problem
 from spectune.train.methods.full import FullConfig
 
 
@@ -131,6 +131,8 @@ class OutputSection(_Section):
     save_every_steps: int = Field(0, ge=0)
     save_total_limit: int = Field(2, ge=1)
     save_final: bool = True
+    merge: bool = Field(False, description="also write merged/: the adapters merged into the base, a standard "
+                        "Hugging Face folder with the tokenizer (QLoRA: into the dequantized base)")
 
 
 class LoggingSection(_Section):
@@ -172,6 +174,12 @@ class TrainConfig(_Section):
         problem = plan_problem(self.method.kind, self.plan.policy, self.plan.params, bool(self.plan.file))
         if problem:
             raise ValueError(problem)
+        if self.output.merge:
+            if not self.output.save_final:
+                raise ValueError("output.merge merges the saved final/ adapters: it needs output.save_final: true")
+            problem = merge_problem(self.method.kind, "output.merge")
+            if problem:
+                raise ValueError(problem)
         if self.plan.switch_to_light and (self.method.kind != "full" or not (self.plan.policy or self.plan.file)):
             raise ValueError("plan.switch_to_light needs method.kind=full and a plan with lightweight matrices "
                              "(policy stable-rank with low: lora)")

@@ -279,8 +279,9 @@ def evaluate(built: Any, cfg: TrainConfig, inputs: dict[str, Any], train_out: An
     return results, evaluation
 
 
-def save(cfg: TrainConfig, built: Any, tok: Any, switchable: SwitchAdapters | None, run: Start) -> None:
-    """final/: the trained model or adapter with its tokenizer (a switched run's adapters merged into their bases)."""
+def save(cfg: TrainConfig, built: Any, tok: Any, switchable: SwitchAdapters | None, run: Start, task: str) -> None:
+    """final/: the trained model or adapter with its tokenizer (a switched run's adapters merged into their bases);
+    with ``output.merge`` also merged/, a plain model folder read back from final/."""
     if not cfg.output.save_final:
         return
     if switchable is not None:
@@ -289,6 +290,10 @@ def save(cfg: TrainConfig, built: Any, tok: Any, switchable: SwitchAdapters | No
     built.save_model(str(run.run_dir / "final"))  # rank 0 writes; every rank must call it (FSDP/DeepSpeed gather)
     if run.main:
         tok.save_pretrained(str(run.run_dir / "final"))
+        if cfg.output.merge:
+            from spectune.train.merge import export_merged
+
+            export_merged(run.run_dir, run.run_dir / "merged", task)
 
 
 def summary(cfg: TrainConfig, run: Start, built: Any, train_out: Any, hooks: Hooks, task: str,

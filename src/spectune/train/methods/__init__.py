@@ -14,11 +14,16 @@ from pydantic import Field
 
 from spectune.plan import Plan
 from spectune.train.methods import adalora, bitfit, frozen, full, ia3, lora, prompt_tuning, qlora
+from spectune.train.methods import galore, lisa, mezo  # the memory-efficient full-parameter family
+from spectune.train.methods import (boft, fourierft, hra, loha, lokr, miss, oft, p_tuning,  # PEFT tuners, SVFT
+                                    prefix_tuning, randlora, svft, vera)
 from spectune.train.methods.base import (HEAD_NAMES, RANKS, RATES, TRAINABLE, BuildContext, Method, MethodBase,
                                          count_trainable, head_modules, task_type)
 
 _ALL: list[Method] = [full.METHOD, frozen.METHOD, bitfit.METHOD, *lora.METHODS, qlora.METHOD, adalora.METHOD,
-                      ia3.METHOD, prompt_tuning.METHOD]
+                      ia3.METHOD, prompt_tuning.METHOD, lisa.METHOD, galore.METHOD, mezo.METHOD,
+                      *(k.METHOD for k in (loha, lokr, fourierft, hra, oft, boft, vera, randlora, miss, svft,
+                                           prefix_tuning, p_tuning))]
 METHODS: dict[str, Method] = {m.kind: m for m in _ALL}
 
 MethodConfig = Annotated[Union[tuple(m.config for m in _ALL)], Field(discriminator="kind")]  # type: ignore[valid-type]
@@ -74,6 +79,15 @@ def build_context(model: torch.nn.Module, cfg: MethodBase, task: str, plan: Plan
     return BuildContext(task=task, plan=plan, total_steps=total_steps, heads=heads, **context)
 
 
+def merge_problem(kind: str, where: str = "method.kind") -> str | None:
+    """Why a kind's trained result cannot be merged into the base weights (one line), or None."""
+    spec = METHODS[kind]
+    if spec.mergeable:
+        return None
+    return (f"{where}: kind {kind} cannot be merged into the base weights ({spec.trains} are not weight changes); "
+            "keep the adapter folder and load it with peft")
+
+
 def apply_method(model: torch.nn.Module, cfg: MethodBase, task: str, plan: Plan | None, total_steps: int,
                  **context: Any) -> torch.nn.Module:
     """The model ready to train under ``cfg``'s kind: PEFT-wrapped where the kind asks, requires_grad set."""
@@ -83,4 +97,4 @@ def apply_method(model: torch.nn.Module, cfg: MethodBase, task: str, plan: Plan 
 
 __all__ = ["METHODS", "MethodConfig", "Method", "MethodBase", "BuildContext", "apply_method", "count_trainable",
            "head_modules", "task_type", "HEAD_NAMES", "RATES", "RANKS", "TRAINABLE", "kind_problem", "plan_problem",
-           "method", "build_context"]
+           "method", "build_context", "merge_problem"]

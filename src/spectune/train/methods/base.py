@@ -117,7 +117,7 @@ class Method:
     memory: str
     paper: str
     library: str
-    mergeable: bool = False
+    mergeable: bool = False  # final/ can become a plain model folder (adapters merged; a full run already is one)
     load_kwargs: Callable[[Any, str, str], dict[str, Any]] | None = None
     callbacks: Callable[[Any, BuildContext], list[Any]] | None = None
     optimizer: Callable[..., torch.optim.Optimizer] | None = None

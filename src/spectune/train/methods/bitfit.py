@@ -20,4 +20,4 @@ def build(model: torch.nn.Module, cfg: Any, ctx: BuildContext) -> torch.nn.Modul
 
 
 METHOD = Method(kind="bitfit", config=BitFitConfig, build=build, plan_sets=frozenset({RATES}), trains="the biases",
-                memory="biases: about 0.1% of the weights train", paper="arXiv:2106.10199", library="torch")
+                memory="biases: about 0.1% of the weights train", paper="arXiv:2106.10199", library="torch", mergeable=True)

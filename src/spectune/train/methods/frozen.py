@@ -18,4 +18,4 @@ def build(model: torch.nn.Module, cfg: Any, ctx: BuildContext) -> torch.nn.Modul
 
 
 METHOD = Method(kind="frozen", config=FrozenConfig, build=build, plan_sets=frozenset(), trains="nothing",
-                memory="inference", paper="-", library="torch")
+                memory="inference", paper="-", library="torch", mergeable=True)

@@ -22,4 +22,4 @@ def build(model: torch.nn.Module, cfg: Any, ctx: BuildContext) -> torch.nn.Modul
 
 METHOD = Method(kind="full", config=FullConfig, build=build, plan_sets=frozenset({RATES, TRAINABLE}), trains="every parameter",
                 memory="full: weights + gradients + AdamW state (16 bytes a parameter in fp32)",
-                paper="-", library="torch", mergeable=False)
+                paper="-", library="torch", mergeable=True)
