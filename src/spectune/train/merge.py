@@ -70,13 +70,13 @@ def merged_model(run_dir: Path, task: str | None = None) -> tuple[torch.nn.Modul
     task = task or summary.get("task")
     if task is None:
         raise MergeError(f"{run_dir} has no summary.json saying its task (classification or causal_lm)")
-    tok = AutoTokenizer.from_pretrained(str(final))
     if not (final / "adapter_config.json").exists():  # full, BitFit, a switched run: already a plain model
         cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-        return cls.from_pretrained(str(final), dtype=torch.float32), tok
+        return cls.from_pretrained(str(final), dtype=torch.float32), AutoTokenizer.from_pretrained(str(final))
     problem = merge_problem(cfg.method.kind)
     if problem:
         raise MergeError(problem)
+    tok = AutoTokenizer.from_pretrained(str(final))
     base, _ = _base(cfg, task, head_labels(final) if task == "classification" else None)
     model = PeftModel.from_pretrained(base, str(final))
     return model.merge_and_unload(), tok
