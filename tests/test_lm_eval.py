@@ -210,6 +210,8 @@ def _lm_cfg(assets: Path, out: Path, data: dict[str, Any] | None = None, **over:
         "logging": {"every_steps": 5, "tensorboard": False, "progress": False, "track_metrics": []},
     }
     for k, v in over.items():
+        if k == "method" and v.get("kind", "lora") != "lora":
+            base[k] = {}  # another kind: the base's LoRA settings are not its settings
         base.setdefault(k, {}).update(v)
     return load_config(base)
 

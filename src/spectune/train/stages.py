@@ -32,6 +32,9 @@ from spectune.train.switch import SwitchAdapters, inject_switch_adapters
 from spectune.train.trainer import training_arguments
 
 
+UNWRAPPED_KINDS = ("full", "bitfit")  # kinds that train the loaded weights themselves (no adapter, no wrapper)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
 
@@ -105,7 +108,8 @@ def initial_plan(cfg: TrainConfig, model: torch.nn.Module, run: Start, cache: di
     every rank holds the same plan. Its names must match the model before anything trains.
 
     The base weights' analysis is kept in ``cache`` as step 0's where the model the callbacks
-    analyze is the same one (full fine-tuning), so a tracked run analyzes step 0 once.
+    analyze has exactly those weights (kinds that only set requires_grad: full, BitFit), so a
+    tracked run analyzes step 0 once.
     """
     plan, epoch = _first_plan(cfg, model, run.ckpt, cache)
     if plan is not None:
@@ -133,7 +137,7 @@ def _first_plan(cfg: TrainConfig, model: torch.nn.Module, ckpt: Path | None,
     source: Any = model_path(cfg.model.name) if cfg.method.kind == "qlora" else model
     t = time.perf_counter()
     result = analyze(source, progress=False, alpha_estimator=cfg.plan.alpha_estimator)
-    if cfg.method.kind == "full" and ckpt is None:
+    if cfg.method.kind in UNWRAPPED_KINDS and ckpt is None:
         cache.update(step=0, result=result, seconds=cache.get("seconds", 0.0) + time.perf_counter() - t)
     return make_plan(result, cfg.plan.policy, params, one_d_rule=cfg.plan.one_d_rule), 0
 
