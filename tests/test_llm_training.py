@@ -47,6 +47,8 @@ def _cfg(assets: Path, out: Path, **over):  # type: ignore[no-untyped-def]
         "logging": {"every_steps": 2, "tensorboard": False, "progress": False, "track_metrics": []},
     }
     for k, v in over.items():
+        if k == "method" and v.get("kind", "lora") != "lora":
+            base["method"] = {}  # another kind: the base's LoRA settings are not its settings
         base.setdefault(k, {}).update(v)
     return load_config(base)
 
