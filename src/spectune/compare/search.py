@@ -175,8 +175,16 @@ def storage(cfg: CompareConfig) -> Any:
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     except OSError as err:
-        raise StorageError(f"search.storage: cannot write the journal file {path} ({err.strerror or err}): give a path "
-                           "in a folder this process can write") from None
+        raise StorageError(f"search.storage: cannot write the journal file {path} ({_folder_problem(path, err)}): give "
+                           "a path in a folder this process can write") from None
+
+
+def _folder_problem(path: Path, err: OSError) -> str:
+    """Why a file's folder cannot be made: a file where a folder should be, or the system's reason."""
+    for parent in path.parents:
+        if parent.exists():
+            return f"{parent} is a file, not a folder" if not parent.is_dir() else str(err.strerror or err)
+    return str(err.strerror or err)
 
 
 def rdb_url(url: str) -> str:
@@ -211,9 +219,13 @@ def rdb_storage(url: str) -> Any:
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "postgresql":
         kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 10}}  # an unreachable host fails in seconds
-    try:
-        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        try:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(_storage_failure(shown, "sqlite", parsed.database,
+                                                _folder_problem(Path(parsed.database), err))) from None
+    try:
         return optuna.storages.RDBStorage(url, **kwargs)
     except ImportError as err:
         missing = getattr(err.__cause__, "name", None) or "its driver"
@@ -224,7 +236,7 @@ def rdb_storage(url: str) -> Any:
         raise StorageError(_storage_failure(shown, parsed.get_backend_name(), parsed.database, err)) from None
 
 
-def _storage_failure(shown: str, backend: str, database: str | None, err: BaseException) -> str:
+def _storage_failure(shown: str, backend: str, database: str | None, err: BaseException | str) -> str:
     orig = getattr(err, "orig", None) or err
     reason = " ".join(str(getattr(orig, "strerror", None) or orig).split()).split(" (Background on")[0]
     if backend == "sqlite":
