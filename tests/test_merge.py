@@ -8,7 +8,6 @@ plain transformers. fp32 throughout, so the two agree within 1e-4.
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,23 +19,9 @@ from spectune.train import TrainConfigError, load_config
 from spectune.train.merge import MergeError, export_merged
 from spectune.train.methods import METHODS
 from spectune.train.run import run
+from tests.helpers import llama64
 
 pytestmark = pytest.mark.slow
-
-
-def _llama64(assets: Path, folder: Path) -> Path:
-    """A tiny Llama of hidden 64 (bitsandbytes' CPU 4-bit matmul needs 64-value blocks), MiniLM's tokenizer."""
-    import transformers as tf
-
-    if not folder.exists():
-        torch.manual_seed(0)
-        tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                           num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True)
-                            ).save_pretrained(folder)
-        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-            if (assets / "llama" / f).exists():
-                shutil.copy(assets / "llama" / f, folder / f)
-    return folder
 
 
 def _run(assets: Path, out: Path, task: str, method: dict, model: str | None = None) -> Path:
@@ -108,7 +93,7 @@ def test_merged_folder_has_the_adapted_models_logits(assets, tmp_path, kind, tas
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 def test_qlora_merges_into_the_dequantized_base(assets, tmp_path):  # type: ignore[no-untyped-def]
-    model = _llama64(assets, tmp_path / "llama64")
+    model = llama64(assets, tmp_path / "llama64")
     run_dir = _run(assets, tmp_path / "run", "causal_lm", {"kind": "qlora", "r": 4, "compute_dtype": "float32"},
                    model=str(model))
     result = CliRunner().invoke(app, ["export", str(run_dir), "--merged", str(tmp_path / "merged")])
