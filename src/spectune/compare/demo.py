@@ -12,6 +12,11 @@ equal-budget search chose on TREC's validation split (4 trials x 2 search seeds,
 grid 5e-5 .. 4e-4; ``experiments/minilm-tuned.yaml``, recorded in
 docs/results.md). All three chose 2e-4. The demo does not search again (that is
 the 12-minute part); it reruns the final seeds, which read the test split.
+
+The printed table carries each method's cost beside its score (peak memory, seconds
+per optimizer step, whether it is on the quality-memory front), and a recommendation
+line follows it: three full fine-tunings of one model cost the same memory, so the
+front is whichever of them no other beats significantly.
 """
 
 from __future__ import annotations
