@@ -150,7 +150,7 @@ def test_settings_peft_would_crash_on_later_are_refused_up_front():
     with pytest.raises(TrainConfigError, match="prompt_tuning trains virtual token embeddings"):
         load_config({"data": {"name": "sms-spam"}, "method": {"kind": "prompt_tuning"}, "plan": {"policy": "alpha-balance"}})
     load_config({"data": {"name": "sms-spam"}, "method": {"kind": "prompt_tuning"}})
-    with pytest.raises(TrainConfigError, match="method.num_virtual_tokens is a setting of kind prompt_tuning, not of kind lora"):
+    with pytest.raises(TrainConfigError, match="method.num_virtual_tokens is a setting of kind prompt_tuning / prefix_tuning / p_tuning, not of kind lora"):
         load_config({"data": {"name": "sms-spam"}, "method": {"kind": "lora", "num_virtual_tokens": 8}})
     with pytest.raises(TrainConfigError, match="method.init is a setting of kind lora / rslora / dora / qlora, not of kind full"):
         load_config({"data": {"name": "sms-spam"}, "method": {"kind": "full", "init": "pissa"}})

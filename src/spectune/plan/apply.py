@@ -9,8 +9,11 @@ import torch
 
 from spectune.analyze.sources import canonical_name
 
-# adapter parameters (LoRA A/B, DoRA magnitude, IA3 vectors) belong to the layer they adapt
-_ADAPTER = re.compile(r"\.(lora_[A-Za-z_]+|ia3_l)\..*$")
+# adapter parameters belong to the layer they adapt: PEFT's LoRA A/B and DoRA magnitude, IA3 vectors, LoHa and LoKr
+# factors, HRA vectors, FourierFT coefficients, MiSS blocks, RandLoRA and VeRA scalings, OFT and BOFT rotations (each
+# followed by ``.<adapter name>``), and spectune's SVFT coefficients (``svft_m``, no adapter name)
+_ADAPTER = re.compile(r"\.(lora_[A-Za-z_]+|ia3_l|hada_\w+|lokr_\w+|hra_u|fourierft_spectrum|miss_block|randlora_\w+"
+                      r"|vera_lambda_[bd]|oft_R|boft_[Rs]|svft_m)(\..*)?$")
 
 from spectune.plan.schema import Plan, PlanError
 
