@@ -226,7 +226,10 @@ def _check_fsdp_against_ddp(fsdp: tuple[Path, list[dict[str, Any]]], ddp: tuple[
     w, ref = load_file(out / "final" / "model.safetensors"), load_file(ddp_out / "final" / "model.safetensors")
     assert {k: v.shape for k, v in w.items()} == {k: v.shape for k, v in ref.items()}
     start = {f"bert.{k}": v for k, v in load_file(start_weights).items()}
-    diff = max(float((w[k] - ref[k]).abs().max()) for k in ref)
+    # an attention key bias adds the same q.b_k to every score of a query, which softmax ignores: its exact gradient
+    # is zero, so what it gets is rounding noise that AdamW scales up to steps of ~lr, differently under each
+    # reduction order (measured: 4.2e-4 apart, against 8e-7 for every other weight); it is left out of the match
+    diff = max(float((w[k] - ref[k]).abs().max()) for k in ref if not k.endswith("attention.self.key.bias"))
     moved = max(float((ref[k] - start[k]).abs().max()) for k in ref if k in start)  # what training changed
     assert diff < 1e-4 and moved > 1e-2, (diff, moved)
     summary = json.loads((out / "summary.json").read_text())
