@@ -166,16 +166,11 @@ class HelperWatch:
 
     def __init__(self, procs: list[subprocess.Popen], out: Path, say: Callable[[str], None],  # type: ignore[type-arg]
                  every: float = 0.5) -> None:
-        import threading
+        from spectune._claim import Heartbeat
 
-        self.procs, self.out, self.say, self.every = procs, out, say, every
+        self.procs, self.out, self.say = procs, out, say
         self.reported: set[int] = set()
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop_event.wait(self.every):
-            self.check()
+        self.beat = Heartbeat(self.check, every)
 
     def check(self) -> None:
         for i, proc in enumerate(self.procs):
@@ -187,12 +182,11 @@ class HelperWatch:
                      f"trial or cell (log: {self.out / f'worker-{i + 1}.log'})")
 
     def __enter__(self) -> "HelperWatch":
-        self.thread.start()
+        self.beat.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=5)
+        self.beat.__exit__(*exc)
         self.check()
 
 
