@@ -30,7 +30,8 @@ HEAD_NAMES = ("classifier", "score", "pre_classifier")  # new task heads, by the
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
-Objective = Literal["sft", "dpo", "orpo", "cpo", "simpo"]
+KTO_LOSS_TYPES = ("sigmoid", "kto", "apo_zero_unpaired")  # sigmoid (the default) and kto name TRL's KTO loss
+Objective = Literal["sft", "dpo", "orpo", "cpo", "simpo", "kto"]
 
 
 class MethodBase(BaseModel):
@@ -42,27 +43,31 @@ class MethodBase(BaseModel):
     objective: Objective = Field(
         "sft", description="what the run optimises: sft (next-token loss on the data's text or responses) or a "
         "preference objective on prompt/chosen/rejected pairs through TRL's trainers: dpo (with loss_type: sigmoid, "
-        "ipo, hinge, robust, ...), orpo (odds ratio, no reference model), cpo, simpo (CPO's reference-free SimPO loss)")
+        "ipo, hinge, robust, ...), orpo (odds ratio, no reference model), cpo, simpo (CPO's reference-free SimPO loss), "
+        "kto (TRL's KTOTrainer on unpaired rows: each pair's chosen reply desirable, its rejected one undesirable)")
     beta: float | None = Field(
         None, gt=0, description="preference strength: dpo/cpo temperature, orpo's lambda, simpo's reward scale; "
         "None = TRL's default for the objective (0.1; simpo 2.0)")
     loss_type: list[str] | str = Field(
         "sigmoid", description="dpo: one of TRL's DPO losses or a list of them (summed with loss_weights); cpo: "
-        "sigmoid, hinge or ipo; orpo and simpo have their own loss and take the default")
+        "sigmoid, hinge or ipo; kto: kto (= sigmoid, the default) or apo_zero_unpaired; orpo and simpo have their "
+        "own loss and take the default")
     loss_weights: list[float] | None = Field(None, description="dpo: weight of each loss_type when several are given")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo/cpo: probability a preference label is "
                                    "flipped (robust DPO, conservative DPO)")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin over beta (gamma/beta ratio)")
     cpo_alpha: float = Field(1.0, ge=0, description="cpo: weight of the NLL term on the chosen replies")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable (chosen) rows' loss")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable (rejected) rows' loss")
 
     @model_validator(mode="after")
     def _preference(self) -> "MethodBase":
         """A loss type TRL would only reject at the first training step is refused here, with the choices."""
         losses = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        allowed = {"dpo": DPO_LOSS_TYPES, "cpo": CPO_LOSS_TYPES}.get(self.objective, ("sigmoid",))
+        allowed = {"dpo": DPO_LOSS_TYPES, "cpo": CPO_LOSS_TYPES, "kto": KTO_LOSS_TYPES}.get(self.objective, ("sigmoid",))
         bad = [x for x in losses if x not in allowed]
         if not losses or bad:
-            if self.objective in ("dpo", "cpo"):
+            if self.objective in ("dpo", "cpo", "kto"):
                 raise ValueError(f"loss_type {bad or losses!r} is not a {self.objective} loss; use " + ", ".join(allowed))
             raise ValueError(f"loss_type {self.loss_type!r}: objective {self.objective} has its own loss; leave "
                              "loss_type unset (it applies to dpo and cpo)")

@@ -3,7 +3,8 @@ the objective reads its own data).
 
 - ``classification``: labelled text, a task head, accuracy and macro-F1;
 - ``causal_lm``: language modelling and SFT (blocks, prompt/response, chat), per-token NLL;
-- ``preference``: prompt/chosen/rejected pairs through TRL's trainers (dpo, orpo, cpo, simpo).
+- ``preference``: prompt/chosen/rejected pairs through TRL's trainers (dpo, orpo, cpo, simpo);
+- ``kto``: the same pairs as unpaired desirable / undesirable rows through TRL's KTOTrainer.
 
 ``spectune.train.run`` calls the stages in order and asks the recipe only for what differs.
 """
@@ -25,6 +26,10 @@ def objective_recipe(cfg: TrainConfig) -> ModuleType | None:
     """The recipe an objective fixes before any data is read (preference), or None: the data's task decides."""
     if cfg.method.objective == "sft":
         return None
+    if cfg.method.objective == "kto":
+        from spectune.train.recipes import kto
+
+        return kto
     from spectune.train.recipes import preference  # TRL is imported only by runs that use it
 
     return preference

@@ -42,7 +42,7 @@ from spectune.train.preference_data import drop_long_prompts, load_preference_da
 from spectune.train.recipes._common import TrainerParts, needed_splits
 from spectune.train.trainer import SpectralTrainer
 
-DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "cpo": 0.1, "simpo": 2.0}  # TRL's defaults; SimPO's paper uses 2.0-2.5
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "cpo": 0.1, "simpo": 2.0, "kto": 0.1}  # TRL's; SimPO's paper uses 2.0-2.5
 CAUSAL_LM_CLASSES = ("ForCausalLM", "LMHeadModel")
 REF_ADAPTER = "ref"  # the name TRL gives its frozen copy of a PEFT model's adapter
 PRIMARY_METRIC = "accuracy"  # <split>_accuracy: the share of pairs whose chosen reply out-scores the rejected one
@@ -93,24 +93,31 @@ def inputs(splits: TextSplits, tok: Any, cfg: TrainConfig) -> tuple[dict[str, da
 # --- arguments ------------------------------------------------------------------------------------
 
 
-def preference_args(args: TrainingArguments, cfg: TrainConfig) -> TrainingArguments:
-    """The run's TrainingArguments as the objective's TRL config, plus its own settings.
+def trl_common(args: TrainingArguments, cfg: TrainConfig) -> dict[str, Any]:
+    """Every TrainingArguments field of the run, plus the settings all of TRL's preference configs share.
 
-    Every TrainingArguments field is copied, so the schedule, evaluation, saving and
-    distributed settings are the supervised run's (and follow any change made to
+    Every field is copied, so the schedule, evaluation, saving and distributed
+    settings are the supervised run's (and follow any change made to
     ``training_arguments``); TRL's differing defaults (learning rate 1e-6, gradient
     checkpointing, bf16) never apply, because each field is given.
     """
     base = {f.name: getattr(args, f.name) for f in fields(TrainingArguments) if f.init}
     m = cfg.method
-    common = {"max_length": cfg.model.max_length, "beta": m.beta if m.beta is not None else DEFAULT_BETA[m.objective]}
+    return {**base, "max_length": cfg.model.max_length,
+            "beta": m.beta if m.beta is not None else DEFAULT_BETA[m.objective]}
+
+
+def preference_args(args: TrainingArguments, cfg: TrainConfig) -> TrainingArguments:
+    """The run's TrainingArguments as the objective's TRL config (``trl_common``), plus its own settings."""
+    common = trl_common(args, cfg)
+    m = cfg.method
     if m.objective == "dpo":
         losses = [m.loss_type] if isinstance(m.loss_type, str) else list(m.loss_type)
-        return DPOConfig(**base, **common, loss_type=losses, loss_weights=m.loss_weights, label_smoothing=m.label_smoothing)
+        return DPOConfig(**common, loss_type=losses, loss_weights=m.loss_weights, label_smoothing=m.label_smoothing)
     if m.objective == "orpo":
-        return ORPOConfig(**base, **common)
+        return ORPOConfig(**common)
     simpo = m.objective == "simpo"
-    return CPOConfig(**base, **common, loss_type="simpo" if simpo else str(m.loss_type),
+    return CPOConfig(**common, loss_type="simpo" if simpo else str(m.loss_type),
                      cpo_alpha=0.0 if simpo else m.cpo_alpha, simpo_gamma=m.simpo_gamma, label_smoothing=m.label_smoothing)
 
 
@@ -161,6 +168,10 @@ class PreferenceMetrics:
         """A dataset given to ``evaluate`` made ready for the trainer (DPO does this itself)."""
         return dataset
 
+    def _rows_in(self, inputs: dict[str, Any]) -> int:
+        """The rows a batch's figures average over (pairs; KTO's unpaired rows)."""
+        return pairs_in(inputs)
+
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         self._eval_prefix, self._eval_rows = metric_key_prefix, []
@@ -172,7 +183,7 @@ class PreferenceMetrics:
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> Any:
         if self._eval_prefix is not None:
-            self._eval_rows.append(pairs_in(inputs))
+            self._eval_rows.append(self._rows_in(inputs))
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)  # type: ignore[misc]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -183,23 +194,27 @@ class PreferenceMetrics:
         super().log(logs, start_time)  # type: ignore[misc]
 
 
-class SpectralDPOTrainer(PreferenceMetrics, SpectralTrainer, DPOTrainer):
+class WithoutRefAdapter:
+    """Checkpoints and final/ keep the trained adapter alone, not TRL's frozen ``ref`` copy of the initial one.
+
+    DPO and KTO add that copy to a PEFT model as their reference and PEFT saves every
+    adapter, the extra ones in sub-folders; the copy is rebuilt the same way when a run
+    resumes, and a user loading final/ should find one adapter, theirs.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        super()._save(output_dir, state_dict)  # type: ignore[misc]
+        args = self.args  # type: ignore[attr-defined]
+        ref = Path(output_dir if output_dir is not None else args.output_dir) / REF_ADAPTER
+        if args.should_save and REF_ADAPTER in (getattr(self.model, "peft_config", None) or {}) and ref.is_dir():  # type: ignore[attr-defined]
+            shutil.rmtree(ref)
+
+
+class SpectralDPOTrainer(PreferenceMetrics, WithoutRefAdapter, SpectralTrainer, DPOTrainer):
     """TRL's DPOTrainer (all its loss types) with the plan's optimizer groups and spectune's callbacks."""
 
     def _metric_store(self) -> dict[str, list[float]]:
         return self._metrics["eval"]
-
-    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
-        """Checkpoints and final/ keep the trained adapter alone, not TRL's frozen ``ref`` copy of the initial one.
-
-        TRL adds that copy to a PEFT model as its reference and PEFT saves every adapter,
-        the extra ones in sub-folders; the copy is rebuilt the same way when a run
-        resumes, and a user loading final/ should find one adapter, theirs.
-        """
-        super()._save(output_dir, state_dict)
-        ref = Path(output_dir if output_dir is not None else self.args.output_dir) / REF_ADAPTER
-        if self.args.should_save and REF_ADAPTER in (getattr(self.model, "peft_config", None) or {}) and ref.is_dir():
-            shutil.rmtree(ref)
 
 
 class _OddsRatioFamily(PreferenceMetrics):
