@@ -103,6 +103,19 @@ def test_the_recommendation_is_the_least_memory_method_nothing_within_the_budget
     assert "\n" not in front_line
 
 
+def test_methods_of_the_same_memory_within_noise_are_named_together():
+    noise = [0.01, -0.01, 0.02, -0.02, 0.005]
+    same = {"uniform": (1000.0, BASE), "balance": (1010.0, _shift(noise)), "phased": (1005.0, _shift([-n for n in noise])),
+            "lora": (300.0, _shift([-0.05, -0.06, -0.05, -0.04, -0.05]))}
+    t = front_table(_results(same))
+    pick = choose(t, "t", None)
+    assert pick["method"] == "balance"  # the best mean of the three that cost the same and nothing beats
+    (line,) = recommendations(t)
+    assert "; uniform and phased are within noise of it at the same memory" in line
+    assert line.endswith("; front: lora (301 MB) < uniform, phased, balance (1001 MB).")  # equal memory named together
+    assert "has the best mean" not in line  # the best mean is the pick itself
+
+
 def test_budgets_and_the_memory_column():
     assert parse_budget("4GB") == 4096 and parse_budget("4 GiB") == 4096 and parse_budget("512MB") == 512
     assert parse_budget("1.5g") == 1536 and parse_budget("2048") == 2048 and parse_budget("1tb") == 2**20

@@ -113,10 +113,24 @@ def _dominators(table: pd.DataFrame, row: pd.Series, cost: str, tolerance: float
     return [str(r["method"]) for _, r in same.iterrows() if math.isfinite(r[cost]) and r[cost] <= row[cost] * (1 + tolerance)]
 
 
-def choose(table: pd.DataFrame, task: str, budget_mb: float | None = None) -> pd.Series | None:
+def _equals(pool: pd.DataFrame, tolerance: float) -> pd.DataFrame:
+    """The rows of ``pool`` whose memory is within ``tolerance`` of its least (the same memory, as the front counts it)."""
+    least = float(pool["memory_mb"].min())
+    return pool[pool["memory_mb"] <= least * (1 + tolerance)]
+
+
+def _best_first(rows: pd.DataFrame) -> pd.DataFrame:
+    up = higher_is_better(str(rows["metric"].iloc[0]))
+    return rows.sort_values(["mean", "memory_mb"], ascending=[not up, True], kind="stable")
+
+
+def choose(table: pd.DataFrame, task: str, budget_mb: float | None = None,
+           tolerance: float = COST_TOLERANCE) -> pd.Series | None:
     """The least-memory method within ``budget_mb`` that no method within the budget beats significantly.
 
-    None when nothing fits (or no memory was recorded). Ties on memory go to the higher mean.
+    Methods within ``tolerance`` of that least memory cost the same: of them, the one with the
+    best mean (none of them is significantly better, or it would have beaten the others).
+    None when nothing fits (or no memory was recorded).
     """
     t = table[(table["task"] == task) & np.isfinite(table["memory_mb"].astype(float))]
     if budget_mb is not None:
@@ -125,10 +139,7 @@ def choose(table: pd.DataFrame, task: str, budget_mb: float | None = None) -> pd
         return None
     inside = set(t["method"])
     unbeaten = t[[not (set(filter(None, b.split(", "))) & inside) for b in t["beaten_by"]]]
-    pool = unbeaten if not unbeaten.empty else t
-    up = higher_is_better(str(pool["metric"].iloc[0]))
-    order = pool.assign(_q=pool["mean"] * (-1 if up else 1)).sort_values(["memory_mb", "_q"], kind="stable")
-    return order.iloc[0]
+    return _best_first(_equals(unbeaten if not unbeaten.empty else t, tolerance)).iloc[0]
 
 
 def _point(r: pd.Series) -> str:
@@ -151,15 +162,35 @@ def recommendation(table: pd.DataFrame, task: str, budget_mb: float | None = Non
     inside = t[np.isfinite(t["memory_mb"].astype(float))]
     if budget_mb is not None:
         inside = inside[inside["memory_mb"] <= budget_mb]
-    up = higher_is_better(str(pick["metric"]))
-    best = inside.sort_values("mean", ascending=not up).iloc[0]
-    if best["method"] != pick["method"]:
+    mem = float(pick["memory_mb"])
+    same = [str(r["method"]) for _, r in inside.iterrows()
+            if r["method"] != pick["method"] and mem / (1 + COST_TOLERANCE) <= r["memory_mb"] <= mem * (1 + COST_TOLERANCE)
+            and pick["method"] not in str(r["beaten_by"]).split(", ")]
+    if same:
+        line += f"; {_names(same)} {'is' if len(same) == 1 else 'are'} within noise of it at the same memory"
+    best = _best_first(inside).iloc[0]
+    if best["method"] != pick["method"] and best["method"] not in same:
         line += (f"; {best['method']} has the best mean ({best['mean']:.4g}) but is not significantly better and "
                  f"peaks at {fmt_mb(best['memory_mb'])}")
     front = t[t["on_memory_front"]].sort_values("memory_mb")
     if budget_mb is None and len(front) > 1:
-        line += "; front: " + " < ".join(f"{r['method']} ({fmt_mb(r['memory_mb'])})" for _, r in front.iterrows())
+        line += "; front: " + " < ".join(_front_steps(front))
     return line + "."
+
+
+def _names(methods: list[str]) -> str:
+    return ", ".join(methods[:-1]) + f" and {methods[-1]}" if len(methods) > 1 else methods[0]
+
+
+def _front_steps(front: pd.DataFrame) -> list[str]:
+    """The front by memory, methods of the same memory (within the tolerance) named together."""
+    steps: list[list[Any]] = []
+    for _, r in front.iterrows():
+        if steps and r["memory_mb"] <= steps[-1][0] * (1 + COST_TOLERANCE):
+            steps[-1][1].append(str(r["method"]))
+        else:
+            steps.append([float(r["memory_mb"]), [str(r["method"])]])
+    return [f"{', '.join(names)} ({fmt_mb(mb)})" for mb, names in steps]
 
 
 def recommendations(table: pd.DataFrame, budgets_mb: list[float] | None = None) -> list[str]:
