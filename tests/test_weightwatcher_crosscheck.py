@@ -28,6 +28,10 @@ What agrees, and how closely (measured, then the tolerance set with margin):
   difference is eigenvalue rounding: measured agreement ~3e-14 on every MiniLM matrix.
   Asserted at relative 1e-9. A failure far above that would mean the KS argmin picked a
   different xmin (a near-tie flipped), which would be worth looking at, not loosening.
+- ``sigma`` vs ``alpha_se`` and ``num_pl_spikes`` vs ``alpha_n_tail``: WeightWatcher's standard error of
+  its alpha is the powerlaw package's (alpha - 1) / sqrt(n_tail) over the eigenvalues >= xmin, spectune's
+  asymptotic ``alpha_se`` the same formula (Clauset et al. 2009, eq. 3.2) on the same fit: asserted at
+  relative 1e-9 and the tail counts exactly.
 - ``entropy`` vs ``spectral_entropy``: same formula except that WW adds 1e-10 to every p
   (an absolute change of ~ M * 1e-10 * |log p| ~ 2e-7 to a sum near 5: relative ~5e-8),
   and the rank in the normaliser log(rank): WW counts singular values above
@@ -147,6 +151,13 @@ def test_alpha_agrees(joined):
             "log_alpha_norm": (r["log_alpha_norm_sp"], r["log_alpha_norm_ww"]),
         }
         bad += [(r["longname"], k, a, b) for k, (a, b) in pairs.items() if not close(a, b, 1e-9)]
+    assert not bad, bad
+
+
+def test_standard_error_is_weightwatchers_sigma(joined):
+    merged, _ = joined
+    assert (merged["alpha_n_tail"].astype(int) == merged["num_pl_spikes"].astype(int)).all()
+    bad = [(r["longname"], r["alpha_se"], r["sigma"]) for _, r in merged.iterrows() if not close(r["alpha_se"], r["sigma"], 1e-9)]
     assert not bad, bad
 
 

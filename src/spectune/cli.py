@@ -80,6 +80,8 @@ def analyze(
     ce_mode: Annotated[str, typer.Option(help="histogram | elementwise")] = "histogram",
     alpha_estimator: Annotated[str, typer.Option(help="alpha fits on the matrix's spectrum (hill) or on pooled "
                                                       "fixed-aspect-ratio windows (farms)")] = "hill",
+    uncertainty: Annotated[str, typer.Option(help="95% interval of every alpha: asymptotic | bootstrap[:B] "
+                                                  "(B >= 20 resamples, default 200)")] = "asymptotic",
     esd: Annotated[str, typer.Option(help="ESD plots: summary | all | none")] = "summary",
     report: Annotated[bool, typer.Option(help="write plots and report.html")] = True,
     trust_remote_code: Annotated[bool, typer.Option(help="allow model code from the folder")] = False,
@@ -105,6 +107,7 @@ def analyze(
             tw_margin=tw_margin,
             ce_mode=ce_mode,
             alpha_estimator=alpha_estimator,
+            uncertainty=uncertainty,
             trust_remote_code=trust_remote_code,
         )
     except ValidationError as err:
@@ -129,6 +132,10 @@ def analyze(
     by_type = result.by_module_type()
     cols = [c for c in ["module_type", "count", "stable_rank", "alpha_hill", "alpha", "num_spikes", "snr", "cs_metric"] if c in by_type]
     _c.out.print(_table(f"mean metrics by module type (status ok; alpha estimator {result.alpha_estimator})", by_type, cols))
+    for col, c in summary.get("alpha_flags", {}).items():
+        named = ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("of", "any"))
+        _c.out.print(f"{col} flags ({result.alpha_uncertainty} intervals): {c['any']} of {c['of']} fits flagged: {named}",
+                     markup=False)
     bad = result.metrics[result.metrics["status"] != "ok"]
     if len(bad):
         _c.out.print(_table("matrices without full metrics", bad, ["name", "status", "note"]))

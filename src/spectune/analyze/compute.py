@@ -26,6 +26,15 @@ def _slices(long_dim: int, width: int, batch: int, itemsize: int) -> list[tuple[
     return [(a, min(a + step, long_dim)) for a in range(0, long_dim, step)]
 
 
+def to_device(mats: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The matrices on ``device`` in their storage dtype: one host-to-device copy each, reused by every pass.
+
+    On a CPU this returns them as they are. On a GPU the Gram slices, the FARMS windows
+    and the value histograms then read device memory instead of each copying from the host.
+    """
+    return [m if m.device == device else m.to(device, non_blocking=True) for m in mats]
+
+
 def gram(mats: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Stack of Gram matrices over the short side: (B, m, m) with m = min(rows, cols), lower triangle only.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class AnalysisConfig(BaseModel):
@@ -29,10 +29,22 @@ class AnalysisConfig(BaseModel):
     farms_window: int = Field(2000, ge=2, description="farms: window short side, capped at the matrix's short side")
     farms_aspect: float = Field(1.0, ge=1, description="farms: window long side / short side (1 = square)")
     farms_windows_per_dim: int = Field(10, ge=1, description="farms: window offsets along each dimension")
+    uncertainty: str = Field(
+        "asymptotic",
+        description="interval of every alpha: asymptotic ((alpha - 1) / sqrt(n_tail), the default) or bootstrap[:B] "
+        "(B >= 20 resamples of the eigenvalues, 200 if B is not given; about 10x the analysis time)",
+    )
     randomize: bool = Field(False, description="also compute rand_distance (one more spectrum per matrix)")
     ce_mode: Literal["histogram", "elementwise"] = "histogram"
     ce_bins: int = Field(256, ge=8)
     batch_bytes: int = Field(128 * 2**20, ge=2**20, description="bytes of weights loaded at once")
-    seed: int = Field(0, description="seed of the shuffles behind rand_distance")
+    seed: int = Field(0, description="seed of the shuffles behind rand_distance and of the bootstrap resamples")
     trust_remote_code: bool = False
     progress: bool = True
+
+    @field_validator("uncertainty")
+    @classmethod
+    def _uncertainty(cls, v: str) -> str:
+        from spectune.analyze.tailfit import Uncertainty
+
+        return Uncertainty.parse(v).label  # 'bootstrap' becomes 'bootstrap:200': the table says how many

@@ -29,22 +29,32 @@ def value_histogram(w: torch.Tensor, bins: int = 256, rms: float | None = None) 
     ``rms`` can be passed in (the engine knows it from the spectrum: sum lambda = ||W||_F^2),
     which saves a float64 copy of a large matrix.
     """
-    x = w.reshape(-1)
-    if not x.dtype.is_floating_point or x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    if rms is None:
-        rms = float(torch.linalg.vector_norm(x, dtype=torch.float64)) / x.numel() ** 0.5
-    lo, hi = -HIST_RANGE * rms, HIST_RANGE * rms
-    h = np.zeros(bins)
-    # in slices: histc allocates temporaries the size of its input, which for an embedding
-    # would double the analysis' memory; it also ignores values outside [min, max], so
-    # those are counted into the edge bins (the clamp) separately
-    for start in range(0, x.numel(), HIST_SLICE):
-        part = x[start : start + HIST_SLICE]
-        h += torch.histc(part, bins=bins, min=lo, max=hi).double().numpy()
-        h[0] += int((part < lo).sum())
-        h[-1] += int((part > hi).sum())
-    return h / h.sum()
+    return value_histograms([w], bins, None if rms is None else [rms])[0]
+
+
+def value_histograms(mats: list[torch.Tensor], bins: int = 256, rms: list[float] | None = None) -> list[np.ndarray]:
+    """``value_histogram`` of each matrix, counted in torch on the device the matrices are on.
+
+    Values beyond the grid are clamped into the edge bins and counted by the same
+    ``histc`` pass (``histc`` alone would drop them); counts are exact integers, so the
+    probabilities equal those of a per-value numpy histogram with the same edge rule.
+    Slices of HIST_SLICE elements bound the temporaries (an embedding would double the
+    analysis' memory otherwise).
+    """
+    out = []
+    for k, w in enumerate(mats):
+        x = w.reshape(-1)
+        if not x.dtype.is_floating_point or x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        r = rms[k] if rms is not None else float(torch.linalg.vector_norm(x, dtype=torch.float64)) / x.numel() ** 0.5
+        lo, hi = -HIST_RANGE * r, HIST_RANGE * r
+        h = torch.zeros(bins, dtype=torch.float64, device=x.device)
+        for start in range(0, x.numel(), HIST_SLICE):
+            part = x[start : start + HIST_SLICE]
+            h += torch.histc(part.clamp(lo, hi), bins=bins, min=lo, max=hi).double()
+        h = h.cpu().numpy()
+        out.append(h / h.sum())
+    return out
 
 
 def cross_entropy_matrix(p: np.ndarray, eps: float = CE_EPS) -> np.ndarray:

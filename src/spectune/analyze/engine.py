@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from spectune import _memory
-from spectune.analyze import compute, crosslayer, powerlaw, spectral
+from spectune.analyze import compute, crosslayer, powerlaw, spectral, tailfit
 from spectune.analyze.config import AnalysisConfig
 from spectune.analyze.distributed import Ranks, assign, band, cost
 from spectune.analyze.naming import layer_index, module_type
@@ -87,8 +87,11 @@ def shuffle_generator(seed: int, name: str) -> torch.Generator:
 
     Seeding per matrix rather than drawing from one stream keeps a matrix's value
     independent of which other matrices were analyzed before it, or on which rank.
+    The seed is mixed into the low 32 bits: torch's CPU generator ignores the rest (so
+    ``seed * 2**32 + crc``, used before, gave every seed the shuffles of seed 0, which
+    keeps its values here).
     """
-    return torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(name.encode()))
+    return torch.Generator().manual_seed((zlib.crc32(name.encode()) + seed * 0x9E3779B1) % 2**32)
 
 
 class _Run:
@@ -310,41 +313,76 @@ class _Run:
     def _spectra(self, loaded: list[tuple[int, WeightRef, torch.Tensor]]) -> None:
         if not loaded:
             return
-        mats = [w for _, _, w in loaded]
+        mats = compute.to_device([w for _, _, w in loaded], self.device)  # one copy to a GPU, none on a CPU
         lam_t, finite = compute.eigenvalues(mats, self.device, self.dtype, self.cfg.method)
         lam = lam_t.double().numpy()
-        if self.cfg.randomize:
-            lam_rand = self._shuffled_spectra(loaded)
-        pooled = self._farms(mats, lam, finite) if self.cfg.alpha_estimator == "farms" else {}
-        for i, (_, ref, w) in enumerate(loaded):
-            ev = lam[i]
-            row = self.rows[ref.name]
-            if not bool(finite[i]):
-                bad = int((~torch.isfinite(w)).sum())  # only bad matrices pay for a full pass
-                self._status(ref.name, "nonfinite", f"{bad} NaN/Inf value(s) of {w.numel()}")
-                continue
-            if ev[-1] <= 0:
-                if not bool(w.any()):
-                    self._status(ref.name, "zero", "all weights are zero")
-                    row["frobenius_norm"] = 0.0
-                else:
-                    self._status(ref.name, "zero", "spectrum is zero to working precision")
-                continue
-            self.spectra[ref.name] = ev.astype(np.float64)
-            row.update(spectral.norm_metrics(ev, ref.rows, ref.cols))
-            if ev.size < self.cfg.min_evals:
-                row["status"] = "too_small"
-                row["note"] = f"{ev.size} eigenvalue(s) < min_evals={self.cfg.min_evals}: no tail fits"
+        lam_rand = self._shuffled_spectra(loaded) if self.cfg.randomize else None
+        fitted = [i for i, (_, ref, _) in enumerate(loaded) if self._settle(ref, loaded[i][2], lam[i], bool(finite[i]))]
+        fits, at = self._tail_fits(mats, lam, finite, [loaded[i][1] for i in fitted], fitted)
+        for i in fitted:
+            ref = loaded[i][1]
+            self.rows[ref.name].update(spectral.tail_metrics(lam[i], ref.rows, ref.cols, tw_margin=self.cfg.tw_margin,
+                                                             fits=(fits, at[i]) if i in at else None))
+            self.rows[ref.name]["alpha_uncertainty"] = self.cfg.uncertainty
+            if lam_rand is not None:
+                self.rows[ref.name]["rand_distance"] = spectral.esd_distance(lam[i], lam_rand[i])
+        measured = [i for i, (_, ref, _) in enumerate(loaded) if ref.name in self.spectra]
+        if self.cfg.ce_mode == "histogram":
+            rms = [math.sqrt(float(lam[i].sum()) / mats[i].numel()) for i in measured]
+            for i, h in zip(measured, crosslayer.value_histograms([mats[i] for i in measured], self.cfg.ce_bins, rms)):
+                self.hists[loaded[i][1].name] = h
+        else:
+            for i in measured:
+                self.abs_sums[loaded[i][1].name] = float(torch.sum(mats[i].abs(), dtype=torch.float64))
+
+    def _settle(self, ref: WeightRef, w: torch.Tensor, ev: np.ndarray, finite: bool) -> bool:
+        """Status and norm metrics of one matrix from its spectrum; True when it gets tail fits."""
+        row = self.rows[ref.name]
+        if not finite:
+            bad = int((~torch.isfinite(w)).sum())  # only bad matrices pay for a full pass
+            self._status(ref.name, "nonfinite", f"{bad} NaN/Inf value(s) of {w.numel()}")
+            return False
+        if ev[-1] <= 0:
+            if not bool(w.any()):
+                self._status(ref.name, "zero", "all weights are zero")
+                row["frobenius_norm"] = 0.0
             else:
-                row["status"] = "ok"
-                row.update(spectral.tail_metrics(ev, ref.rows, ref.cols, tw_margin=self.cfg.tw_margin, **pooled.get(i, {})))
-                if self.cfg.randomize:
-                    row["rand_distance"] = spectral.esd_distance(ev, lam_rand[i])
-            if self.cfg.ce_mode == "histogram":
-                rms = math.sqrt(float(ev.sum()) / w.numel())
-                self.hists[ref.name] = crosslayer.value_histogram(w, self.cfg.ce_bins, rms=rms)
-            else:
-                self.abs_sums[ref.name] = float(torch.sum(w.abs(), dtype=torch.float64))
+                self._status(ref.name, "zero", "spectrum is zero to working precision")
+            return False
+        self.spectra[ref.name] = ev.astype(np.float64)
+        row.update(spectral.norm_metrics(ev, ref.rows, ref.cols))
+        if ev.size < self.cfg.min_evals:
+            row["status"] = "too_small"
+            row["note"] = f"{ev.size} eigenvalue(s) < min_evals={self.cfg.min_evals}: no tail fits"
+            return False
+        row["status"] = "ok"
+        return True
+
+    def _tail_fits(self, mats: list[torch.Tensor], lam: np.ndarray, finite: torch.Tensor, refs: list[WeightRef],
+                   fitted: list[int]) -> tuple[dict[str, tailfit.TailFits], dict[int, int]]:
+        """The power-law fits of the matrices ``fitted`` (positions in ``mats``), all in one batch.
+
+        Returns the fits and, for each position, its row in them (absent: too few
+        eigenvalues above EVALS_THRESH to fit anything).
+        """
+        pooled = self._farms(mats, lam, finite) if self.cfg.alpha_estimator == "farms" and fitted else {}
+        spectra, rows, deff, top = [], {}, [], []
+        for i in fitted:
+            src = pooled.get(i, {}).get("tail_lam", lam[i])
+            fit_lam = src[src > spectral.EVALS_THRESH]
+            if fit_lam.size >= 2:
+                self.rows[refs[fitted.index(i)].name]["alpha_design_effect"] = pooled.get(i, {}).get("design_effect", 1.0)
+                rows[i] = len(spectra)
+                spectra.append(fit_lam)
+                deff.append(pooled.get(i, {}).get("design_effect", 1.0))
+                top.append(pooled.get(i, {}).get("windows", 1))
+        if not spectra:
+            return {}, rows
+        unc = tailfit.Uncertainty.parse(self.cfg.uncertainty, seed=self.cfg.seed)
+        fits = tailfit.fit_tails(spectra, self.device, unc, design_effect=deff, top=top,
+                                 max_candidates=powerlaw.FARMS_KS_CANDIDATES if pooled else None,
+                                 names=[r.name for r, i in zip(refs, fitted) if i in rows])
+        return fits, rows
 
     def _shuffled_spectra(self, loaded: list[tuple[int, WeightRef, torch.Tensor]]) -> np.ndarray:
         """Spectra of each matrix with its elements shuffled (rand_distance's reference), one per matrix."""
@@ -355,8 +393,10 @@ class _Run:
         return compute.eigenvalues(shuffled, self.device, self.dtype, self.cfg.method)[0].double().numpy()
 
     def _farms(self, mats: list[torch.Tensor], lam: np.ndarray, finite: torch.Tensor) -> dict[int, dict[str, Any]]:
-        """FARMS: pooled window spectra of the matrices that will get tail fits, as tail_metrics arguments.
+        """FARMS: pooled window spectra of the matrices that will get tail fits, with their windows' overlap.
 
+        Per matrix: ``tail_lam`` (the pooled spectrum), ``design_effect`` (``powerlaw.design_effect``)
+        and ``windows`` (how many windows; the outlier test reads each one's top eigenvalue).
         A matrix that is itself one window (a square matrix under square windows no larger
         than it) keeps its own spectrum: its pooled spectrum would be exactly that.
         """
@@ -366,11 +406,11 @@ class _Run:
         if not fit:
             return {}
         if win.covers(rows, cols):
-            pooled = {i: lam[i] for i in fit}
-        else:
-            spectra = compute.window_eigenvalues([mats[i] for i in fit], win, self.device, self.dtype, self.cfg.method)
-            pooled = {i: powerlaw.pool_spectra([ev.clamp_min(0).numpy()]) for i, ev in zip(fit, spectra)}
-        return {i: {"tail_lam": ev, "max_candidates": powerlaw.FARMS_KS_CANDIDATES} for i, ev in pooled.items()}
+            return {i: {"tail_lam": lam[i], "design_effect": 1.0, "windows": 1} for i in fit}
+        spectra = compute.window_eigenvalues([mats[i] for i in fit], win, self.device, self.dtype, self.cfg.method)
+        deff = powerlaw.design_effect(win, rows, cols)
+        return {i: {"tail_lam": powerlaw.pool_spectra([ev.clamp_min(0).numpy()]), "design_effect": deff,
+                    "windows": win.count} for i, ev in zip(fit, spectra)}
 
     # -- all layers -----------------------------------------------------------------
 

@@ -32,8 +32,9 @@ def plot_esd(name: str, lam: np.ndarray, row: Mapping[str, Any], path: str | Pat
     Drawn: a density histogram over log-spaced bins; the KS-chosen power law
     p(lambda) = C lambda^-alpha for lambda >= xmin, normalised so its area equals
     the share of eigenvalues in the tail (the continuous pdf the Hill estimator
-    fits, times n_tail / n), so it should lie on the histogram's tail; the
-    Marchenko-Pastur bulk edge; and the median-xmin Hill alpha in the legend.
+    fits, times n_tail / n), so it should lie on the histogram's tail, with the band
+    the exponents of its 95% interval span and its flags; the Marchenko-Pastur bulk
+    edge; and the median-xmin Hill alpha with its interval in the legend.
     Missing fits (NaN) are left out rather than drawn wrong.
     """
     lam = np.asarray(lam, dtype=np.float64)
@@ -54,13 +55,7 @@ def plot_esd(name: str, lam: np.ndarray, row: Mapping[str, Any], path: str | Pat
         label = f"ESD ({pos.size} eigenvalues)"
         ax.bar(edges[:-1][nz], density[nz], np.diff(edges)[nz], align="edge", alpha=0.45, label=label)
 
-        alpha, xmin = _num(row, "alpha"), _num(row, "alpha_xmin")
-        if math.isfinite(alpha) and alpha > 1 and math.isfinite(xmin) and xmin > 0:
-            tail_share = np.count_nonzero(pos >= xmin) / pos.size
-            x = np.logspace(math.log10(xmin), math.log10(max(hi, xmin * 1.01)), 50)
-            y = tail_share * (alpha - 1) / xmin * (x / xmin) ** -alpha
-            ax.plot(x, y, color="tab:red", lw=2, label=f"power law alpha={alpha:.3g} (KS xmin={xmin:.3g})")
-            ax.axvline(xmin, color="tab:red", ls=":", lw=1)
+        _draw_tail(ax, pos, row, hi)
 
         edge = _num(row, "mp_bulk_max")
         if math.isfinite(edge) and edge > 0:
@@ -70,6 +65,9 @@ def plot_esd(name: str, lam: np.ndarray, row: Mapping[str, Any], path: str | Pat
 
     hill = _num(row, "alpha_hill")
     hill_text = f"{hill:.3g}" if math.isfinite(hill) else "n/a"
+    h_lo, h_hi = _num(row, "alpha_hill_lo"), _num(row, "alpha_hill_hi")
+    if math.isfinite(hill) and math.isfinite(h_lo) and math.isfinite(h_hi):
+        hill_text += f" [{h_lo:.3g}, {h_hi:.3g}]"
     ax.plot([], [], " ", label=f"Hill alpha (median xmin) = {hill_text}")
     if pos.size:
         _log_axes(ax)
@@ -80,6 +78,36 @@ def plot_esd(name: str, lam: np.ndarray, row: Mapping[str, Any], path: str | Pat
     ax.set_title(_shorten(name, 70) + ("" if status in ("ok", "") else f"  [{status}]"), fontsize=9, parse_math=False)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
+
+
+def tail_band(x: np.ndarray, xmin: float, tail_share: float, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest fitted tail density at each x over the exponents in [lo, hi].
+
+    The density tail_share (a - 1) / xmin (x / xmin)^-a is not monotone in a (it peaks at
+    a = 1 + 1 / ln(x / xmin)), so the band is taken over a grid of exponents, ends included.
+    """
+    grid = np.linspace(max(lo, 1.0 + 1e-9), hi, 41)[:, None]
+    y = tail_share * (grid - 1) / xmin * (x[None, :] / xmin) ** -grid
+    return y.min(axis=0), y.max(axis=0)
+
+
+def _draw_tail(ax: Any, pos: np.ndarray, row: Mapping[str, Any], top: float) -> None:
+    """The KS-fitted power law above its xmin, its 95% band and its flags (nothing when there is no fit)."""
+    alpha, xmin = _num(row, "alpha"), _num(row, "alpha_xmin")
+    if not (math.isfinite(alpha) and alpha > 1 and math.isfinite(xmin) and xmin > 0):
+        return
+    tail_share = np.count_nonzero(pos >= xmin) / pos.size
+    x = np.logspace(math.log10(xmin), math.log10(max(top, xmin * 1.01)), 50)
+    y = tail_share * (alpha - 1) / xmin * (x / xmin) ** -alpha
+    flags = str(row.get("alpha_flags") or "") if not isinstance(row.get("alpha_flags"), float) else ""
+    ax.plot(x, y, color="tab:red", lw=2, label=f"power law alpha={alpha:.3g} (KS xmin={xmin:.3g})"
+            + (f" [{flags}]" if flags else ""))
+    lo, hi = _num(row, "alpha_lo"), _num(row, "alpha_hi")
+    if math.isfinite(lo) and math.isfinite(hi) and hi > lo:
+        band_lo, band_hi = tail_band(x, xmin, tail_share, lo, hi)
+        ax.fill_between(x, band_lo, band_hi, color="tab:red", alpha=0.2, lw=0,
+                        label=f"95% interval of alpha [{lo:.3g}, {hi:.3g}]")
+    ax.axvline(xmin, color="tab:red", ls=":", lw=1)
 
 
 def plot_depth(metrics_df: pd.DataFrame, metric: str, path: str | Path) -> Path:
@@ -210,6 +238,7 @@ def _html(
     summary = result.summary()
     model = dict(summary["model"])
     counts = model.pop("status_counts", {})
+    flag_counts = model.pop("alpha_flags", {})
     df = result.metrics
     bad = df[df["status"] != "ok"]
     esc = html.escape
@@ -227,6 +256,12 @@ def _html(
         what = "1 matrix is" if len(bad) == 1 else f"{len(bad)} matrices are"
         parts.append(f"<p class=warn>{what} not ok; their fits are missing or partial:</p>")
         parts.append(_table(bad[["name", "module_type", "layer_index", "rows", "cols", "status", "note"]], flag=True))
+    if flag_counts:
+        parts += [
+            f"<h2>Alpha fits</h2><p>Matrices (status ok) whose fit carries each flag; intervals: "
+            f"{esc(str(model.get('alpha_uncertainty', '')))} (docs/metrics.md, uncertainty of alpha).</p>",
+            _table(pd.DataFrame([{"alpha column": c, **v} for c, v in flag_counts.items()])),
+        ]
     parts += [
         "<h2>By module type</h2><p>Means over matrices with status ok.</p>",
         _table(result.by_module_type()),
@@ -236,7 +271,8 @@ def _html(
         _gallery(depth, "depth") if depth else "<p>No numbered blocks with finite key metrics.</p>",
         f"<h2>Eigenvalue spectra (esd={esc(esd)}, {len(spectra)} plots)</h2>",
         "<p>Histogram of eigenvalues of W<sup>T</sup>W; red: power law fitted above the KS-chosen xmin "
-        "(dotted); green dashed: Marchenko-Pastur bulk edge.</p>",
+        "(dotted), shaded over the 95% interval of its alpha, flags in brackets; green dashed: "
+        "Marchenko-Pastur bulk edge.</p>",
         _gallery(spectra, "esd") if spectra else "<p>No ESD plots in this report.</p>",
         "<h2>All matrices</h2>",
         _table(df[[c for c in COLUMNS if c in df]], flag=True),

@@ -31,13 +31,22 @@ SPECTRUM = [
     "mean_singular_value",
 ]
 TAIL = ["alpha_hill", "alpha", "alpha_xmin", "alpha_ks_distance", "alpha_weighted", "log_alpha_norm"]
-# which spectrum the TAIL columns were fitted on (hill: the matrix's own; farms: pooled windows),
-# on every row, so a metrics table read on its own says what its alphas are
-ESTIMATOR = ["alpha_estimator"]
+# how far each alpha can be trusted (docs/metrics.md, "Uncertainty of alpha"): per fit its standard
+# error, 95% interval, tail size, xmin and flags; under farms the windows' design effect
+UNCERTAINTY = [
+    "alpha_hill_se", "alpha_hill_lo", "alpha_hill_hi", "alpha_hill_n_tail", "alpha_hill_xmin", "alpha_hill_flags",
+    "alpha_se", "alpha_lo", "alpha_hi", "alpha_n_tail", "alpha_flags", "alpha_design_effect",
+]
+# the alpha columns that carry intervals and flags, and their flag names
+FITTED_ALPHAS = ("alpha_hill", "alpha")
+FLAGS = ("degenerate", "outlier_dominated", "not_power_law")
+# which spectrum the TAIL columns were fitted on (hill: the matrix's own; farms: pooled windows) and how
+# their intervals were computed (asymptotic, bootstrap:B), on every row, so a table read alone says both
+ESTIMATOR = ["alpha_estimator", "alpha_uncertainty"]
 RMT = ["mp_sigma", "mp_bulk_max", "num_spikes", "mp_softrank", "snr", "rand_distance"]
 CROSS = ["ce_metric", "cs_metric"]
-COLUMNS = IDENTITY + SPECTRUM + TAIL + ESTIMATOR + RMT + CROSS
-METRICS = SPECTRUM + TAIL + RMT + CROSS
+COLUMNS = IDENTITY + SPECTRUM + TAIL + UNCERTAINTY + ESTIMATOR + RMT + CROSS
+METRICS = SPECTRUM + TAIL + [c for c in UNCERTAINTY if not c.endswith("_flags")] + RMT + CROSS
 # the metrics most people read first; summaries and plots use these
 KEY_METRICS = [
     "stable_rank",
@@ -72,7 +81,7 @@ class AnalysisResult:
         df["layer_index"] = df["layer_index"].astype("Int64")
         for c in ("rows", "cols", "numel"):
             df[c] = df[c].astype("int64")
-        for c in ("n_evals", "numerical_rank", "num_spikes"):
+        for c in ("n_evals", "numerical_rank", "num_spikes", "alpha_hill_n_tail", "alpha_n_tail"):
             df[c] = df[c].astype("Float64").round().astype("Int64")
         return cls(metrics=df, **kw)
 
@@ -101,6 +110,25 @@ class AnalysisResult:
             raise ValueError(f"metrics table mixes alpha estimators {found}: analyze again with one")
         return found[0] if found else str(self.config.get("alpha_estimator", "hill"))
 
+    @property
+    def alpha_uncertainty(self) -> str:
+        """How the alpha intervals were computed; analyses saved before intervals existed have none."""
+        col = self.metrics["alpha_uncertainty"] if "alpha_uncertainty" in self.metrics else None
+        found = sorted({str(v) for v in col.dropna()}) if col is not None else []
+        return found[0] if len(found) == 1 else ",".join(found) or str(self.config.get("uncertainty", "none"))
+
+    def flag_counts(self) -> dict[str, Any]:
+        """Per fitted alpha column: how many ok matrices carry each flag, and of how many."""
+        ok = self.ok
+        out: dict[str, Any] = {}
+        for col in FITTED_ALPHAS:
+            if f"{col}_flags" not in ok:
+                continue
+            flags = ok[f"{col}_flags"].fillna("").astype(str).str.split(",")
+            counts = {f: int(flags.map(lambda fs, f=f: f in fs).sum()) for f in FLAGS}
+            out[col] = {"of": int(len(ok)), **counts, "any": int((ok[f"{col}_flags"].fillna("") != "").sum())}
+        return out
+
     def digest(self) -> str:
         """Content hash of the metrics table; a plan records it to name the analysis it used."""
         csv = self.metrics.to_csv(index=False, float_format="%.10g")
@@ -118,6 +146,8 @@ class AnalysisResult:
             "n_tied": int((m["tied_to"] != "").sum()),
             "alpha_estimator": self.alpha_estimator,
         }
+        model["alpha_uncertainty"] = self.alpha_uncertainty
+        model["alpha_flags"] = self.flag_counts()
         for c in KEY_METRICS + ["alpha_weighted", "log_norm", "log_spectral_norm", "rand_distance"]:
             vals = pd.to_numeric(ok[c], errors="coerce").astype(float)
             vals = vals[np.isfinite(vals)]

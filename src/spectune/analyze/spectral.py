@@ -8,10 +8,12 @@ computation feeds every metric. Definitions and sources: docs/metrics.md.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+import torch
 
-from spectune.analyze import marchenko_pastur, powerlaw
+from spectune.analyze import marchenko_pastur, tailfit
 
 # Eigenvalues at or below this are treated as zero when fitting power laws
 # (WeightWatcher's EVALS_THRESH, kept so the alpha cross-check compares like with like).
@@ -65,35 +67,61 @@ def tail_metrics(
     tw_margin: bool = True,
     tail_lam: np.ndarray | None = None,
     max_candidates: int | None = None,
+    fits: tuple[dict[str, tailfit.TailFits], int] | None = None,
+    uncertainty: tailfit.Uncertainty | None = None,
 ) -> dict[str, float]:
     """Power-law and random-matrix fits; need enough eigenvalues to mean anything.
 
     ``tail_lam`` (ascending) is the spectrum the power-law fits read when it is not the
     matrix's own: the pooled window spectrum of the FARMS estimator. The alpha-derived
     norms (alpha_weighted, log_alpha_norm) and the Marchenko-Pastur fit still use the
-    matrix's own eigenvalues: only the exponent changes with the estimator.
+    matrix's own eigenvalues: only the exponent changes with the estimator. ``fits``
+    (the batched fits of ``tailfit.fit_tails`` and this matrix's row in them) saves
+    fitting here; without it this matrix alone is fitted on the CPU.
     """
-    lmax = float(lam[-1])
-    src = lam if tail_lam is None else tail_lam
-    fit_lam = src[src > EVALS_THRESH]
-    out: dict[str, float] = {}
-    if fit_lam.size >= 2:
-        med = powerlaw.fit_median(fit_lam)
-        ks = powerlaw.fit_ks(fit_lam, max_candidates=max_candidates)
-    else:
-        med = ks = powerlaw.PowerLawFit(math.nan, math.nan, math.nan, 0)
-    out["alpha_hill"] = med.alpha
-    out["alpha"] = ks.alpha
-    out["alpha_xmin"] = ks.xmin
-    out["alpha_ks_distance"] = ks.ks_distance
-    out["alpha_weighted"] = ks.alpha * math.log10(lmax)
-    out["log_alpha_norm"] = log_alpha_norm(lam, ks.alpha)
+    if fits is None:
+        src = lam if tail_lam is None else tail_lam
+        fit_lam = src[src > EVALS_THRESH]
+        fits = (tailfit.fit_tails([fit_lam], torch.device("cpu"), uncertainty or tailfit.Uncertainty(),
+                                  max_candidates=max_candidates), 0) if fit_lam.size >= 2 else None
+    out = power_law_columns(fits, lam)
     mp = marchenko_pastur.fit_mp(lam, rows, cols, tw_margin=tw_margin)
     out["mp_sigma"] = mp.sigma
     out["mp_bulk_max"] = mp.bulk_max
     out["num_spikes"] = mp.num_spikes
     out["mp_softrank"] = mp.softrank
     out["snr"] = spectrum_snr(np.sqrt(lam), rows, cols)
+    return out
+
+
+# the fitted columns of each xmin rule: (rule, column prefix)
+FIT_COLUMNS = (("median", "alpha_hill"), ("ks", "alpha"))
+
+
+def power_law_columns(fits: tuple[dict[str, tailfit.TailFits], int] | None, lam: np.ndarray) -> dict[str, Any]:
+    """The alpha columns of one matrix from its row of the batched fits (NaN, no flags, without fits).
+
+    Per rule: alpha, its se and 95% interval [lo, hi], n_tail, xmin and flags; the KS fit
+    also gives alpha_ks_distance, alpha_weighted and log_alpha_norm (on ``lam``, the
+    matrix's own spectrum).
+    """
+    out: dict[str, Any] = {}
+    for rule, col in FIT_COLUMNS:
+        if fits is None:
+            values = dict.fromkeys(("", "_se", "_lo", "_hi", "_xmin"), math.nan)
+            values.update({"_n_tail": 0, "_flags": tailfit.flag_names(tailfit.FLAG_BITS["degenerate"])})
+        else:
+            f, i = fits[0][rule], fits[1]
+            values = {"": f.alpha[i], "_se": f.se[i], "_lo": f.lo[i], "_hi": f.hi[i], "_xmin": f.xmin[i],
+                      "_n_tail": int(f.n_tail[i]), "_flags": f.flag_text(i)}
+            if rule == "ks":
+                out["alpha_ks_distance"] = float(f.ks_distance[i])
+        for suffix, v in values.items():
+            out[col + suffix] = v if isinstance(v, str) else float(v) if suffix != "_n_tail" else v
+    out.setdefault("alpha_ks_distance", math.nan)
+    alpha = out["alpha"]
+    out["alpha_weighted"] = alpha * math.log10(float(lam[-1]))
+    out["log_alpha_norm"] = log_alpha_norm(lam, alpha)
     return out
 
 
