@@ -53,7 +53,8 @@ LR: dict[str, float] = {"mezo": 1e-2, "full": 3e-3, "lisa": 3e-3, "galore": 3e-3
                         "vera": 3e-2, "boft": 3e-2, "fourierft": 5e-2, "prompt_tuning": 3e-1, "prefix_tuning": 1e-1,
                         "p_tuning": 1e-2}
 STEPS = 8
-FALL = {"mezo": 0.01}  # how far the loss must fall in STEPS steps (0.05 elsewhere): SPSA moves along one random direction
+# how far the loss must fall in STEPS steps (0.05 elsewhere): SPSA moves along one random direction a step
+FALL = {"mezo": 0.01}
 needs_bnb = importlib.util.find_spec("bitsandbytes") is None
 
 
@@ -213,7 +214,8 @@ def test_a_rank_plan_sets_the_module_sizes(kind: str, rank_plan: Plan, tmp_path:
 
 @pytest.mark.parametrize("kind", [k for k, m in METHODS.items() if RATES in m.plan_sets and RANKS not in m.plan_sets])
 def test_a_kind_with_one_global_size_refuses_a_rank_plan_by_name(kind: str) -> None:
-    with pytest.raises(TrainConfigError, match=rf"plan\.policy=adaptive-rank .*method\.kind={kind} has one global size"):
+    reason = rf"plan\.policy=adaptive-rank .*method\.kind={kind} has one global size"
+    with pytest.raises(TrainConfigError, match=reason):
         load_config({"data": {"name": "sms-spam"}, "method": {"kind": kind}, "plan": {"policy": "adaptive-rank"}})
     load_config({"data": {"name": "sms-spam"}, "method": {"kind": kind}, "plan": {"policy": "alpha-balance"}})
 
@@ -248,13 +250,34 @@ def test_prefix_tuning_on_an_encoder_classifier_says_why(tmp_path: Path) -> None
 
     model = tf.BertForSequenceClassification(tiny_config("bert"))
     cfg = method_config("prefix_tuning")
-    with pytest.raises(ValueError, match="prefix_tuning runs on causal-LM data: .*BertForSequenceClassification.forward does not take"):
+    reason = "prefix_tuning runs on causal-LM data: .*BertForSequenceClassification.forward does not take"
+    with pytest.raises(ValueError, match=reason):
         METHODS["prefix_tuning"].build(model, cfg, build_context(model, cfg, "classification", None, 1))
 
 
 def test_fourierft_refuses_more_frequencies_than_a_matrix_has(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"method\.n_frequency=600 exceeds the 512 entries of .*k_proj \(16x32\)"):
         build("fourierft", tmp_path, n_frequency=600)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="PEFT's fbd extension may build where CUDA is")
+def test_boft_refuses_butterfly_factors_peft_would_silently_drop(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"method\.boft_n_butterfly_factor=2 needs PEFT's fbd CUDA extension"):
+        build("boft", tmp_path, boft_n_butterfly_factor=2)
+
+
+NEW_KINDS = ("hra", "fourierft", "miss", "randlora", "vera", "oft", "boft", "loha", "lokr", "prefix_tuning", "p_tuning",
+             "svft")
+
+
+@pytest.mark.parametrize("kind", NEW_KINDS)
+def test_each_kind_ships_an_example(kind: str) -> None:
+    """One config per kind under examples/ (tests/test_examples.py validates every one)."""
+    import yaml
+
+    examples = Path(__file__).parent.parent / "examples"
+    kinds = [(yaml.safe_load(p.read_text()).get("method") or {}).get("kind") for p in examples.glob("*.yaml")]
+    assert kind in kinds
 
 
 def test_the_docs_table_of_kinds_is_the_registrys() -> None:

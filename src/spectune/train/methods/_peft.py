@@ -18,7 +18,9 @@ from pydantic import Field
 from transformers import TrainerCallback
 
 from spectune.plan import Plan, match_names, peft_kwargs
-from spectune.train.methods.base import RATES, RANKS, TRAINABLE, BuildContext, MethodBase, TargetedBase, peft_common, targets
+from spectune.train.methods.base import (RATES, RANKS, TRAINABLE, BuildContext, MethodBase, TargetedBase, peft_common,
+                                         targets)
+from spectune.train.methods.lora import wrap
 
 # a kind that trains weight matrices through adapters: per-matrix rates and a plan's trainable set; with RANKS also
 # per-module sizes from a rank plan
@@ -38,6 +40,7 @@ class LycorisConfig(TargetedBase):
 
 
 Sizes = Callable[[torch.nn.Module, Any, Plan], dict[str, Any]]
+Build = Callable[[torch.nn.Module, Any, BuildContext], torch.nn.Module]
 
 
 def own_settings(cfg: MethodBase) -> dict[str, Any]:
@@ -60,14 +63,12 @@ def lycoris_sizes(model: torch.nn.Module, cfg: Any, plan: Plan) -> dict[str, Any
             "rank_pattern": kw["rank_pattern"], "alpha_pattern": kw["alpha_pattern"]}
 
 
-def tuner_build(config_name: str, sizes: Sizes | None = None) -> Callable[[torch.nn.Module, Any, BuildContext], torch.nn.Module]:
+def tuner_build(config_name: str, sizes: Sizes | None = None) -> Build:
     """The build of a PEFT tuner kind: ``peft.<config_name>`` over the kind's settings and targets (or, under a
     rank plan, the plan's targets and sizes through ``sizes``), then ``get_peft_model`` and the plan's trainable set."""
 
     def build(model: torch.nn.Module, cfg: Any, ctx: BuildContext) -> torch.nn.Module:
         import peft
-
-        from spectune.train.methods.lora import wrap
 
         kw = own_settings(cfg)
         kw["target_modules"] = targets(model, cfg)
@@ -78,7 +79,7 @@ def tuner_build(config_name: str, sizes: Sizes | None = None) -> Callable[[torch
     return build
 
 
-def prompt_build(config_name: str) -> Callable[[torch.nn.Module, Any, BuildContext], torch.nn.Module]:
+def prompt_build(config_name: str) -> Build:
     """The build of a PEFT prompt-learning kind: ``peft.<config_name>`` over the kind's settings; no weight trains."""
 
     def build(model: torch.nn.Module, cfg: Any, ctx: BuildContext) -> torch.nn.Module:

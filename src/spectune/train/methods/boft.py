@@ -2,18 +2,20 @@
 butterfly factors of ``boft_block_size`` blocks (plus a trained output scale), dense with few parameters.
 
 Give ``boft_block_size`` or ``boft_block_num``, the other 0. One size for every
-matrix: a rank plan is refused. PEFT's fast CUDA kernel is used where it compiles;
-on CPU the same product runs in torch (PEFT warns once).
+matrix: a rank plan is refused. More than one butterfly factor needs PEFT's ``fbd``
+CUDA extension (it compiles where CUDA, ninja and CUDA_HOME are present); without it
+PEFT silently falls back to one factor, so that is refused here naming the setting.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 
 from spectune.train.methods._peft import WEIGHT_SETS, tuner_build
-from spectune.train.methods.base import Method, TargetedBase
+from spectune.train.methods.base import BuildContext, Method, TargetedBase
 
 
 class BOFTConfig(TargetedBase):
@@ -32,7 +34,21 @@ class BOFTConfig(TargetedBase):
         return self
 
 
-METHOD = Method(kind="boft", config=BOFTConfig, build=tuner_build("BOFTConfig"), plan_sets=WEIGHT_SETS,
+_tuner = tuner_build("BOFTConfig")
+
+
+def build(model: torch.nn.Module, cfg: BOFTConfig, ctx: BuildContext) -> torch.nn.Module:
+    if cfg.boft_n_butterfly_factor > 1:
+        from peft.tuners.boft.layer import get_fbd_cuda
+
+        if not get_fbd_cuda():
+            raise ValueError(f"method.boft_n_butterfly_factor={cfg.boft_n_butterfly_factor} needs PEFT's fbd CUDA "
+                             "extension, which does not build here (CUDA, ninja, CUDA_HOME); PEFT would silently "
+                             "use 1 factor: set boft_n_butterfly_factor: 1")
+    return _tuner(model, cfg, ctx)
+
+
+METHOD = Method(kind="boft", config=BOFTConfig, build=build, plan_sets=WEIGHT_SETS,
                 trains="butterfly orthogonal factors and an output scale", paper="arXiv:2311.06243",
                 library="peft.BOFTConfig", mergeable=True,
                 memory="adapter: frozen weights + factors x blocks x b^2 + out per matrix")

@@ -21,7 +21,8 @@ class PTuningConfig(MethodBase):
     kind: Literal["p_tuning"] = "p_tuning"
     num_virtual_tokens: int = Field(16, ge=1, description="virtual tokens before the input")
     encoder_reparameterization_type: Literal["MLP", "LSTM"] = Field("MLP", description="the prompt encoder")
-    encoder_hidden_size: int | None = Field(None, ge=1, description="the encoder's width (None: the model's hidden size)")
+    encoder_hidden_size: int | None = Field(None, ge=1,
+                                            description="the encoder's width (None: the model's hidden size)")
     encoder_num_layers: int = Field(2, ge=1, description="LSTM layers (PEFT fixes the MLP's depth)")
     encoder_dropout: float = Field(0.0, ge=0, lt=1)
 

@@ -29,7 +29,7 @@ def _row(m: Method) -> str:
 def kinds_table() -> str:
     """Markdown: one row per registered kind, in registry order (kind, what trains, paper, library class, what a
     plan may set, memory class, whether the result merges into a plain model)."""
-    head = ["| kind | trains | paper | library class | a plan may set | memory | merges |", "|---|---|---|---|---|---|---|"]
+    head = ["| kind | trains | paper | library class | a plan may set | memory | merges |", "|---" * 7 + "|"]
     return "\n".join(head + [_row(m) for m in METHODS.values()])
 
 
