@@ -99,7 +99,8 @@ def test_milora_on_a_model_keeps_the_function_and_the_plan_ranks(tmp_path: Path)
     r, delta = q.r["default"], q.scaling["default"] * (q.lora_B["default"].weight @ q.lora_A["default"].weight).double()
     smallest = torch.linalg.svdvals(q.base_layer.weight.detach().double() + delta)[-r:]  # W's own smallest r
     torch.testing.assert_close(torch.linalg.svdvals(delta)[:r], smallest, atol=1e-5, rtol=1e-4)
-    assert json.loads((tmp_path / "init.json").read_text())["batches_used"] == 0
+    record = json.loads((tmp_path / "init.json").read_text())
+    assert record["batches_used"] == 0 and record["base_rewritten"]
 
 
 @pytest.mark.parametrize("init", ["eva", "corda", "lora_ga"])
@@ -113,7 +114,7 @@ def test_a_data_init_reads_the_stated_batches_and_records_them(init: str, tmp_pa
     assert batches.drawn == 3  # no more than asked for was even collated
     assert record["init"] == init and record["init_batches"] == 3 and record["batches_used"] == 3
     assert record["rows"] == 12 and record["tokens"] == 3 * 4 * 16 - 3 * 3 and record["seconds"] > 0
-    assert record["forward_passes"] >= 3
+    assert record["forward_passes"] >= 3 and record["base_rewritten"] == (init != "eva")
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     a, b = q.lora_A["default"].weight.detach(), q.lora_B["default"].weight.detach()
     with torch.no_grad():
@@ -285,6 +286,34 @@ def test_a_run_initialises_from_its_batches_and_keeps_the_loraplus_ratio_through
     moved = [n for n in probe.seen[0] if probe.seen[0][n][0] != pytest.approx(probe.seen[1][n][0])]
     assert moved  # the re-plan changed rates, and the ratio above survived it
     assert np.isfinite(result.metrics["test_loss"])
+
+
+class Crash(TrainerCallback):
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step == 5:
+            raise KeyboardInterrupt("simulated kill")
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_same_result(assets: Path, tmp_path: Path) -> None:
+    """On resume the init is rebuilt from the same batches (LoRA-GA's rewritten base too) and LoRA-FA's optimizer
+    state, keyed by parameter name rather than by parameter, comes back from the checkpoint."""
+    from spectune.train.run import run
+
+    def cfg(out: Path) -> Any:
+        return load_config({
+            "model": {"name": str(assets / "bert"), "max_length": 16}, "data": {"path": str(assets / "cls.csv")},
+            "method": {"kind": "lora", "r": 4, "init": "lora_ga", "init_batches": 2, "optimizer": "lorafa"},
+            "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3}, "eval": {"batch_size": 64, "final_splits": ["test"]},
+            "output": {"dir": str(out), "save_every": "steps", "save_every_steps": 3},
+            "logging": {"tensorboard": False, "progress": False, "track_metrics": []}})
+
+    ref = run(cfg(tmp_path / "ref"))
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(tmp_path / "cut"), extra_callbacks=[Crash()])
+    resumed = run(cfg(tmp_path / "cut"), resume=True)
+    for k in ("test_loss", "test_accuracy"):
+        assert resumed.metrics[k] == pytest.approx(ref.metrics[k], rel=1e-5, abs=1e-6), k
 
 
 # --- KTO --------------------------------------------------------------------------------------------

@@ -389,8 +389,8 @@ def test_pissa_initialised_lora_under_a_plan_starts_from_the_same_function(asset
     assert all(torch.count_nonzero(b) > 0 for b in lora_b)  # PiSSA: B is not zero at the start
 
 
-def test_an_init_peft_does_not_know_or_that_needs_data_is_a_clear_error(assets, tmp_path):  # type: ignore[no-untyped-def]
-    with pytest.raises(TrainConfigError, match="init 'lora_ga' is not an initialisation PEFT knows"):
-        _cfg(assets, tmp_path / "run", method={"kind": "lora", "init": "lora_ga"})
-    with pytest.raises(TrainConfigError, match="init 'eva' needs a pass over training data"):
-        _cfg(assets, tmp_path / "run", method={"kind": "lora", "init": "eva"})
+def test_an_unknown_init_or_a_data_init_without_batches_is_a_clear_error(assets, tmp_path):  # type: ignore[no-untyped-def]
+    with pytest.raises(TrainConfigError, match="init 'lora-ga' is not a LoRA initialisation"):
+        _cfg(assets, tmp_path / "run", method={"kind": "lora", "init": "lora-ga"})
+    with pytest.raises(TrainConfigError, match="method.init=eva is built from the run's training batches"):
+        _cfg(assets, tmp_path / "run", method={"kind": "lora", "init": "eva", "objective": "dpo"})

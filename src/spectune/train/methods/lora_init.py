@@ -193,14 +193,15 @@ def finish(model: torch.nn.Module, init: str, data: Calibration | None) -> int:
 
 
 def record(ctx: BuildContext, init: str, asked: int, data: Calibration | None, passes: int, seconds: float) -> None:
-    """run_dir/init.json: the initialisation, the batches it was asked for and read, their rows and tokens, its time."""
+    """run_dir/init.json: the initialisation, the batches it was asked for and read, their rows and tokens, its time,
+    and whether it rewrote the base weights (then final/'s adapter belongs to W_res, not to the loaded base)."""
     if ctx.run_dir is None or os.environ.get("RANK", "0") != "0":
         return
     used = len(data.batches) if data is not None else 0
     _io.write_json(ctx.run_dir / "init.json", {
         "init": init, "init_batches": asked if data is not None else 0, "batches_used": used,
         "rows": data.rows if data is not None else 0, "tokens": data.tokens if data is not None else 0,
-        "forward_passes": passes, "seconds": round(seconds, 3)})
+        "forward_passes": passes, "seconds": round(seconds, 3), "base_rewritten": init in BASE_REWRITING})
 
 
 def initialise(model: torch.nn.Module, config: Any, init: str, ctx: BuildContext, batches: int,
