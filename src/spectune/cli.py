@@ -225,6 +225,11 @@ def plan(
     cols = [c for c in ["name", "module_type", "lr_scale", "wd_scale", "trainable", "lora_rank"] if c in table]
     if "wd_scale" in cols and set(p.wd_scale.values()) <= {1.0}:
         cols.remove("wd_scale")  # a plan that leaves every decay at the base value shows no decay column
+    if "alpha_used" in table:  # an alpha-driven plan: the alpha it read, its 95% interval, flags and the value used
+        metric = table.attrs["alpha_metric"]
+        table["alpha [95% CI]"] = [f"{a:.3g} [{lo:.3g}, {hi:.3g}]" if a == a else "-"
+                                   for a, lo, hi in zip(table[metric], table[f"{metric}_lo"], table[f"{metric}_hi"])]
+        cols += ["alpha [95% CI]", f"{metric}_flags", "alpha_used"]
     _c.out.print(_table(f"plan: policy {policy} on {p.model} (alpha estimator {p.alpha_estimator})", table, cols))
     for note in p.notes:
         _c.out.print(f"- {note}", markup=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pandas as pd
@@ -41,7 +42,28 @@ def decide(metrics: pd.DataFrame, policy: str, params: dict[str, Any] | PolicyCo
     d = make(metrics, cfg)
     if isinstance(cfg, RateConfig) and cfg.normalize == "mean":
         _normalize(d, metrics, cfg.max_scale)
+    rule = getattr(cfg, "uncertainty", "ignore")
+    if rule != "ignore":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the comparison run repeats the policy's own warnings
+            _, base = decide(metrics, policy, cfg.model_copy(update={"uncertainty": "ignore"}))
+        moved = changed(d, base)
+        d.notes.append(f"uncertainty {rule}: {len(moved)} matrices' decisions differ from uncertainty: ignore"
+                       + (f" ({', '.join(moved[:3])}{', ...' if len(moved) > 3 else ''})" if moved else ""))
     return cfg, d
+
+
+def changed(a: Decisions, b: Decisions, tol: float = 1e-9) -> list[str]:
+    """Matrices whose rate, decay, trainability or LoRA rank differ between two decisions."""
+    names = set(a.lr_scale) | set(b.lr_scale) | set(a.wd_scale) | set(b.wd_scale)
+    out = {n for n in names if abs(a.lr_scale.get(n, 1.0) - b.lr_scale.get(n, 1.0)) > tol
+           or abs(a.wd_scale.get(n, 1.0) - b.wd_scale.get(n, 1.0)) > tol}
+    if (a.trainable is None) != (b.trainable is None) or set(a.trainable or []) != set(b.trainable or []):
+        out |= set(a.trainable or []) ^ set(b.trainable or [])
+    ranks = [{t: (d.lora.rank_pattern.get(t, d.lora.r) if t in d.lora.target_modules else 0) for t in d.lora.target_modules}
+             if d.lora is not None else {} for d in (a, b)]
+    out |= {f"{t}.weight" for t in set(ranks[0]) | set(ranks[1]) if ranks[0].get(t, 0) != ranks[1].get(t, 0)}
+    return sorted(out)
 
 
 def plan(analysis: AnalysisResult, policy: str = "uniform", params: dict[str, Any] | PolicyConfig | None = None,
@@ -117,4 +139,30 @@ def plan_table(p: Plan, analysis: AnalysisResult | None = None) -> pd.DataFrame:
         keep = ["name", "module_type", "layer_index", "svd_metric", "ce_metric", "cs_metric", "alpha_hill", "num_spikes", "snr", "stable_rank"]
         keep = [c for c in keep if c in analysis.metrics]
         df = df.merge(analysis.metrics[keep], on="name", how="left")
+        df = _with_alphas(df, p, analysis)
+    return df
+
+
+def _with_alphas(df: pd.DataFrame, p: Plan, analysis: AnalysisResult) -> pd.DataFrame:
+    """The alpha an alpha-driven plan read for each matrix: as fitted, its 95% interval and flags, and as used.
+
+    ``alpha_used`` is the value after the plan's uncertainty rule (shrunk toward the type
+    mean, or absent where excluded); the policy is re-run on the analysis to get it, so it
+    is exactly what the plan was computed from.
+    """
+    if p.policy not in POLICIES:
+        return df
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            _, d = decide(analysis.metrics, p.policy, p.params)
+        except (ValueError, PlanError):
+            return df
+    if d.alpha_metric is None:
+        return df
+    col = d.alpha_metric
+    extra = [c for c in (col, f"{col}_lo", f"{col}_hi", f"{col}_flags") if c in analysis.metrics and c not in df]
+    df = df.merge(analysis.metrics[["name", *extra]], on="name", how="left") if extra else df
+    df["alpha_used"] = df["name"].map(d.alphas).astype(float)
+    df.attrs["alpha_metric"] = col
     return df

@@ -46,6 +46,9 @@ class Decisions:
     lora: LoraDecision | None = None
     notes: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
+    # the alphas an alpha-driven policy mapped, after its uncertainty rule (the plan report shows them)
+    alpha_metric: str | None = None
+    alphas: dict[str, float] = field(default_factory=dict)
 
 
 def usable(metrics: pd.DataFrame) -> pd.DataFrame:

@@ -28,6 +28,7 @@ from spectune.plan.policies._common import (
     module_name,
     usable,
 )
+from spectune.plan import uncertainty as unc
 from spectune.plan.schema import LoraDecision
 
 
@@ -44,11 +45,14 @@ class AdaptiveRankConfig(PolicyConfig):
     use_rslora: bool = False
     use_dora: bool = False
     use_qlora: bool = False
+    uncertainty: unc.Mode = unc.mode_field()
+    uncertainty_flags: list[str] = unc.flags_field()
 
     @model_validator(mode="after")
     def _ranks(self) -> AdaptiveRankConfig:
         if self.min_rank > self.max_rank:
             raise ValueError(f"min_rank {self.min_rank} > max_rank {self.max_rank}")
+        unc.check_flags(self.uncertainty_flags)
         return self
 
 
@@ -63,11 +67,13 @@ def interpolate(x: float, lo: int, hi: int, how: str) -> int:
     return int(min(hi, max(lo, round(r))))
 
 
-def scores(metrics: pd.DataFrame, cfg: AdaptiveRankConfig) -> tuple[pd.Series, list[str]]:
-    """Composite need-for-adaptation score per candidate matrix, and those without one."""
+def scores(metrics: pd.DataFrame, cfg: AdaptiveRankConfig) -> tuple[pd.Series, list[str], unc.Adjusted]:
+    """Composite need-for-adaptation score per candidate matrix, those without one, and the alphas it read."""
     cand = usable(metrics)
     cand = cand[cand["module_type"].isin(cfg.module_types)]
     alpha, miss_a = finite_metric(cand, "alpha_hill")
+    adjusted = unc.adjust(metrics, alpha, "alpha_hill", cfg.uncertainty, cfg.uncertainty_flags)
+    alpha, miss_a = adjusted.values, miss_a + adjusted.excluded
     spikes, miss_s = finite_metric(cand, "num_spikes")
     names = alpha.index.intersection(spikes.index)
     alpha, spikes = alpha[names], spikes[names]
@@ -75,12 +81,15 @@ def scores(metrics: pd.DataFrame, cfg: AdaptiveRankConfig) -> tuple[pd.Series, l
     s = minmax(spikes, "num_spikes") if len(names) else None
     a = a if a is not None else alpha * 0.0
     s_norm = 1 - s if s is not None else spikes * 0.0
-    return cfg.w_hill * a + cfg.w_spikes * s_norm, sorted(set(miss_a) | set(miss_s))
+    adjusted.values = alpha
+    return cfg.w_hill * a + cfg.w_spikes * s_norm, sorted(set(miss_a) | set(miss_s)), adjusted
 
 
 def make(metrics: pd.DataFrame, cfg: AdaptiveRankConfig) -> Decisions:
-    score, missing = scores(metrics, cfg)
-    out = Decisions(lr_scale={n: 1.0 for n in usable(metrics)["name"]}, min_scale=1.0, max_scale=1.0, excluded=missing)
+    """LoRA ranks for the top ``top_fraction`` of candidates by score (module docstring)."""
+    score, missing, adjusted = scores(metrics, cfg)
+    out = Decisions(lr_scale={n: 1.0 for n in usable(metrics)["name"]}, min_scale=1.0, max_scale=1.0, excluded=missing,
+                    notes=list(adjusted.notes), alpha_metric="alpha_hill", alphas=adjusted.values.astype(float).to_dict())
     if missing:
         out.notes.append(f"{len(missing)} candidate matrices without finite alpha_hill/num_spikes are not adapted")
     if score.empty:

@@ -17,7 +17,9 @@ higher rate. Two choices, each with the published form selectable:
 
 Matrices with fewer than ``min_evals`` eigenvalues (TempBalance skips those under
 50) contribute no alpha; under ``matrix`` they keep the base rate, under ``block``
-they share their block's rate. Formulas, sources and deviations: docs/policies.md.
+they share their block's rate. ``uncertainty`` (``plan.uncertainty``) shrinks or
+excludes alphas whose fit is uncertain before any of this. Formulas, sources and
+deviations: docs/policies.md.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
+from spectune.plan import uncertainty as unc
 from spectune.plan.policies._common import Decisions, RateConfig, finite_metric, minmax, usable
 
 
@@ -46,11 +49,14 @@ class AlphaBalanceConfig(RateConfig):
     sigmoid_max: float = Field(1.0, ge=0, description="sigmoid map: above the mean the scale rises to 10**(sigmoid_max/2)")
     min_evals: int = Field(50, ge=1)
     metric: str = Field("alpha_hill", description="the exponent column to balance on")
+    uncertainty: unc.Mode = unc.mode_field()
+    uncertainty_flags: list[str] = unc.flags_field()
 
     @model_validator(mode="after")
     def _order(self) -> AlphaBalanceConfig:
         if self.lr_min_ratio > self.lr_max_ratio:
             raise ValueError("lr_min_ratio must not exceed lr_max_ratio")
+        unc.check_flags(self.uncertainty_flags)
         return self
 
 
@@ -95,11 +101,14 @@ def make(metrics: pd.DataFrame, cfg: AlphaBalanceConfig) -> Decisions:
     big = rows[~rows["name"].isin(small["name"])]
     values, missing = finite_metric(big, cfg.metric)
     values = values[values > 0] if cfg.map in ("sqrt", "log2") else values
+    adjusted = unc.adjust(metrics, values, cfg.metric, cfg.uncertainty, cfg.uncertainty_flags)
+    values, missing = adjusted.values, missing + adjusted.excluded
     if cfg.map == "sigmoid":
         lo, hi = 10 ** (-cfg.sigmoid_min / 2), 10 ** (cfg.sigmoid_max / 2)
     else:
         lo, hi = cfg.lr_min_ratio, cfg.lr_max_ratio
-    out = Decisions(lr_scale={n: 1.0 for n in rows["name"]}, min_scale=min(lo, 1.0), max_scale=max(hi, 1.0))
+    out = Decisions(lr_scale={n: 1.0 for n in rows["name"]}, min_scale=min(lo, 1.0), max_scale=max(hi, 1.0),
+                    notes=list(adjusted.notes), alpha_metric=cfg.metric, alphas=values.astype(float).to_dict())
     if cfg.granularity == "block":
         units, block_of = block_values(rows, values)
         outside = [n for n in rows["name"] if n not in block_of]
@@ -110,8 +119,9 @@ def make(metrics: pd.DataFrame, cfg: AlphaBalanceConfig) -> Decisions:
             out.notes.append(f"granularity block: {len(silent)} block matrices without a usable {cfg.metric} "
                              f"take their block's rate")
         out.notes.append(f"block alphas (mean {cfg.metric}): " + ", ".join(f"{int(b)}: {a:.3f}" for b, a in units.items()))
-        # only blocks with no alpha at all stay at the base rate, so only their matrices are 'excluded'
-        out.excluded = [n for n in rows["name"] if n in block_of and block_of[n] not in units.index]
+        # only blocks with no alpha at all stay at the base rate, so only their matrices are 'excluded'; under
+        # uncertainty: exclude, a flagged matrix keeps the base rate (its block's rate is its neighbours')
+        out.excluded = [n for n in rows["name"] if n in block_of and block_of[n] not in units.index] + adjusted.excluded
     else:
         units, block_of = values, {}
         out.excluded = missing + list(small["name"])
@@ -128,7 +138,7 @@ def make(metrics: pd.DataFrame, cfg: AlphaBalanceConfig) -> Decisions:
         unit_scale = cfg.lr_min_ratio + (cfg.lr_max_ratio - cfg.lr_min_ratio) * norm
     if cfg.granularity == "block":
         for name, b in block_of.items():
-            if b in unit_scale.index:
+            if b in unit_scale.index and name not in adjusted.excluded:
                 out.lr_scale[name] = float(unit_scale[b])
     else:
         for name, s in unit_scale.items():

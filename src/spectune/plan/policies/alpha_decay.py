@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 from pydantic import Field, model_validator
 
+from spectune.plan import uncertainty as unc
 from spectune.plan.policies._common import BLOCK_TYPES, Decisions, PolicyConfig, finite_metric, minmax, usable
 
 
@@ -33,11 +34,14 @@ class AlphaDecayConfig(PolicyConfig):
     module_types: list[str] = Field(default_factory=lambda: list(BLOCK_TYPES), description="matrices that get a multiplier")
     rates: str | None = Field(None, description="a rate policy whose learning-rate decisions the plan also carries")
     rates_params: dict[str, Any] = Field(default_factory=dict, description="parameters of the `rates` policy")
+    uncertainty: unc.Mode = unc.mode_field()
+    uncertainty_flags: list[str] = unc.flags_field()
 
     @model_validator(mode="after")
     def _check(self) -> AlphaDecayConfig:
         if self.wd_min_ratio > self.wd_max_ratio:
             raise ValueError("wd_min_ratio must not exceed wd_max_ratio")
+        unc.check_flags(self.uncertainty_flags)
         if self.rates is not None:
             if self.rates == "alpha-decay":
                 raise ValueError("rates: alpha-decay cannot take its rates from itself")
@@ -69,6 +73,11 @@ def make(metrics: pd.DataFrame, cfg: AlphaDecayConfig) -> Decisions:
     cand = rows[rows["module_type"].isin(cfg.module_types)]
     small = cand[pd.to_numeric(cand["n_evals"], errors="coerce").fillna(0) < cfg.min_evals]
     values, missing = finite_metric(cand[~cand["name"].isin(small["name"])], cfg.metric)
+    adjusted = unc.adjust(metrics, values, cfg.metric, cfg.uncertainty, cfg.uncertainty_flags)
+    values = adjusted.values
+    out.alpha_metric, out.alphas = cfg.metric, values.astype(float).to_dict()
+    out.excluded = sorted(set(out.excluded) | set(adjusted.excluded))
+    out.notes += [f"alpha-decay: {n}" for n in adjusted.notes]
     out.wd_scale = {n: 1.0 for n in rows["name"]}
     if len(small):
         out.notes.append(f"alpha-decay: {len(small)} matrices with fewer than {cfg.min_evals} eigenvalues keep decay x1")

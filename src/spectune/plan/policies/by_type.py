@@ -90,6 +90,7 @@ def make(metrics: pd.DataFrame, cfg: ByTypeConfig) -> Decisions:
         source = f"the parameter-weighted mean scale of policy '{cfg.like}' per type"
         if like.trainable is not None or like.lora is not None:
             source += f" ('{cfg.like}' trainable set and LoRA decisions not carried)"
+        notes = [f"like {cfg.like}: {n}" for n in like.notes if n.startswith("uncertainty")]
     else:
         unknown = sorted(set(cfg.scales) - set(kinds))
         if unknown:
@@ -97,9 +98,12 @@ def make(metrics: pd.DataFrame, cfg: ByTypeConfig) -> Decisions:
         per_type = {k: cfg.scales.get(k, cfg.default) for k in kinds}
         lo, hi = 1.0, 1.0
         source = "explicit scales"
+        notes = []
     lo = min([lo, 1.0, *per_type.values()])
     hi = max([hi, 1.0, *per_type.values()])
-    out = Decisions(min_scale=lo, max_scale=hi)
+    out = Decisions(min_scale=lo, max_scale=hi, notes=notes)
+    if cfg.like is not None:
+        out.alpha_metric, out.alphas = like.alpha_metric, like.alphas
     for name, kind in zip(rows["name"], rows["module_type"].astype(str)):
         out.lr_scale[name] = float(per_type[kind])
     out.notes.append(f"by-type ({source}): " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(per_type.items())))
