@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -24,7 +25,7 @@ from spectune.train.config import TrainConfigError
 from spectune.train.methods import apply_method
 from spectune.train.methods.lora import LoraConfig, optimizer
 from spectune.train.methods.lora_init import minor_factors
-from tests.conftest import tiny_model
+from tests.conftest import WORDS, tiny_model
 from tests.test_preference import GroupsAtStart, _assert_plan_rates, _cfg, _pairs, lm  # noqa: F401  (lm: fixture)
 
 LR = 1e-3
@@ -334,16 +335,45 @@ def test_kto_rows_are_the_pairs_unpaired_and_shuffled() -> None:
     assert list(unpair(pairs, seed=0)["completion"]) == list(rows["completion"])
 
 
+def _unpaired(path: Path, labels: list[Any] | None = None) -> Path:
+    """The learnable pairs of the preference tests as TRL's unpaired rows (prompt, completion, label)."""
+    pairs = pd.read_json(_pairs(path.with_suffix(".pairs.jsonl")), lines=True)
+    rows = [{"prompt": r.prompt, "completion": reply, "label": good} for r in pairs.itertuples()
+            for reply, good in ((r.chosen, True), (r.rejected, False))]
+    for row, label in zip(rows, labels or []):
+        row["label"] = label
+    pd.DataFrame(rows).to_json(path, orient="records", lines=True)
+    return path
+
+
+def test_a_file_of_unpaired_rows_is_carved_by_prompt(tmp_path: Path) -> None:
+    from spectune.train.data import DataConfig, DataError
+    from spectune.train.recipes.kto import unpaired_file
+
+    path = _unpaired(tmp_path / "rows.jsonl", labels=["true", 0, "1", "FALSE", True])
+    rows = unpaired_file(DataConfig(path=str(path)))
+    assert rows is not None and len(rows.train) + len(rows.validation) + len(rows.test) == 80
+    assert not set(rows.train["prompt"]) & (set(rows.test["prompt"]) | set(rows.validation["prompt"]))
+    for split in (rows.train, rows.validation, rows.test):
+        for row in split:
+            assert row["label"] is (row["completion"].split()[0] in WORDS[0].split())
+    assert unpaired_file(DataConfig(path=str(_pairs(tmp_path / "pairs.jsonl")))) is None  # pairs: the pair loader's
+    with pytest.raises(DataError, match=r"row 1: label 'maybe' is not a desirable flag"):
+        unpaired_file(DataConfig(path=str(_unpaired(tmp_path / "bad.jsonl", labels=[True, "maybe"]))))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_kto_under_a_plan_trains_at_its_rates(kind: str, lm: Path, tmp_path: Path) -> None:
-    """LoRA: the reference is the adapter switched off; full: a frozen copy of the loaded model."""
+    """LoRA on pairs (the reference is the adapter switched off); full tuning on a file of unpaired rows (the
+    reference a frozen copy of the loaded model)."""
     from spectune.train.run import run
 
     groups = GroupsAtStart()
     out = tmp_path / "kto"
-    cfg = _cfg(lm, _pairs(tmp_path / "p.jsonl"), out, method={"kind": kind, "objective": "kto", "beta": 0.2,
-                                                              "undesirable_weight": 1.5}, train={"epochs": 1})
+    data = _pairs(tmp_path / "p.jsonl") if kind == "lora" else _unpaired(tmp_path / "rows.jsonl")
+    cfg = _cfg(lm, data, out, method={"kind": kind, "objective": "kto", "beta": 0.2, "undesirable_weight": 1.5},
+               train={"epochs": 1})
     result = run(cfg, extra_callbacks=[groups])
     plan = Plan.load(next((out / "plans").glob("plan-epoch0-*.yaml")))
     _assert_plan_rates(groups.groups, plan, cfg.train.lr)

@@ -77,14 +77,19 @@ def splits(cfg: TrainConfig) -> TextSplits:
     return load_preference_data(cfg.data)
 
 
-def inputs(splits: TextSplits, tok: Any, cfg: TrainConfig) -> tuple[dict[str, datasets.Dataset], dict[str, int]]:
-    """Each split as TRL's rows (TRL tokenizes them itself) and how many pairs were dropped for a too-long prompt."""
-    chat = cfg.data.format == "chat"
-    if not chat and tok.eos_token is None:
+def check_eos(tok: Any, cfg: TrainConfig) -> None:
+    """Plain replies need an end-of-sequence token: TRL appends it so the model learns where a reply ends."""
+    if cfg.data.format != "chat" and tok.eos_token is None:
         raise PreferenceError(
             f"method.objective={cfg.method.objective}: the tokenizer of model {cfg.model.name!r} has no eos_token, which "
             "TRL appends to every reply so the model learns where a reply ends; use a tokenizer with one, or "
             "data.format: chat with a chat template")
+
+
+def inputs(splits: TextSplits, tok: Any, cfg: TrainConfig) -> tuple[dict[str, datasets.Dataset], dict[str, int]]:
+    """Each split as TRL's rows (TRL tokenizes them itself) and how many pairs were dropped for a too-long prompt."""
+    chat = cfg.data.format == "chat"
+    check_eos(tok, cfg)
     data = {split: getattr(splits, split) for split in ("train", "validation", "test")}
     skipped = drop_long_prompts(data, tok, cfg.model.max_length, needed_splits(cfg), chat)
     return {split: trl_rows(ds, chat) for split, ds in data.items()}, skipped
