@@ -28,13 +28,8 @@ METHODS: dict[str, Method] = {m.kind: m for m in _ALL}
 
 MethodConfig = Annotated[Union[tuple(m.config for m in _ALL)], Field(discriminator="kind")]  # type: ignore[valid-type]
 
-# the policies whose plans decide per-module sizes (LoRA ranks) or the trainable set; every policy decides rates
+# the policies whose plans decide per-module sizes (LoRA ranks); every policy decides rates
 RANK_POLICIES = {"adaptive-rank", "layer-pattern"}
-TRAINABLE_POLICIES = {"select", "random-select"}
-
-
-def method(kind: str) -> Method:
-    return METHODS[kind]
 
 
 def kind_problem(data: dict[str, Any]) -> str | None:
@@ -97,4 +92,4 @@ def apply_method(model: torch.nn.Module, cfg: MethodBase, task: str, plan: Plan 
 
 __all__ = ["METHODS", "MethodConfig", "Method", "MethodBase", "BuildContext", "apply_method", "count_trainable",
            "head_modules", "task_type", "HEAD_NAMES", "RATES", "RANKS", "TRAINABLE", "kind_problem", "plan_problem",
-           "method", "build_context", "merge_problem"]
+           "build_context", "merge_problem"]
