@@ -368,3 +368,49 @@ def test_nonfinite_matrices_are_flagged_without_poisoning_the_batch(method):
     ref = np.sort(np.linalg.svd(good.numpy(), compute_uv=False) ** 2)
     np.testing.assert_allclose(lam[0].numpy(), ref, rtol=1e-10, atol=1e-12 * ref[-1])
     assert torch.isnan(lam[1:]).all()
+
+
+# --- esd_distance and rand_distance: identities and a hand-built case -------------------------------
+
+
+def test_esd_distance_identities():
+    lam = np.array([0.5, 1.0, 2.0, 7.0, 30.0])
+    assert spectral.esd_distance(lam, lam) == 0.0
+    assert spectral.esd_distance(lam, lam * 1.0) == 0.0
+    # disjoint supports (1-2 against 100-200): the histograms share no bin, Jensen-Shannon distance 1
+    assert spectral.esd_distance(np.array([1.0, 1.5, 2.0]), np.array([100.0, 150.0, 200.0])) == pytest.approx(1.0)
+
+
+def test_esd_distance_hand_built():
+    """log10: [0, 1] against [0, 2] on 4 bins of width 0.5 over [0, 2]: p = (1/2, 0, 1/2, 0), q = (1/2, 0, 0, 1/2).
+
+    m = (1/2, 0, 1/4, 1/4); KL(p || m) = KL(q || m) = 1/2 ln-free in bits; JS = 1/2, distance sqrt(1/2).
+    """
+    d = spectral.esd_distance(np.array([1.0, 10.0]), np.array([1.0, 100.0]), bins=4)
+    assert d == pytest.approx(math.sqrt(0.5), rel=1e-12)
+
+
+def test_rand_distance_is_the_distance_to_the_seeded_shuffle():
+    """The engine's rand_distance equals esd_distance to the spectrum of W shuffled by its own generator.
+
+    A rank-one matrix is far from its shuffle (its spectrum is one spike, the shuffle's a
+    noise bulk); an i.i.d. Gaussian one is close to it; another seed shuffles differently.
+    """
+    from spectune.analyze.engine import shuffle_generator
+
+    rng = np.random.default_rng(0)
+    mats = {"noise": rng.standard_normal((768, 512)), "rank1": np.outer(rng.standard_normal(768), rng.standard_normal(512))}
+    module = torch.nn.ModuleDict({k: torch.nn.Linear(512, 768, bias=False) for k in mats})
+    for k, w in mats.items():
+        module[k].weight.data = torch.from_numpy(w).float()
+    res = spectune.analyze(module, randomize=True, progress=False).metrics.set_index("name")
+    for k in mats:
+        w = module[k].weight.detach()
+        perm = torch.randperm(w.numel(), generator=shuffle_generator(0, f"{k}.weight"))
+        shuffled = w.reshape(-1)[perm].reshape(w.shape).double().numpy()
+        own = np.linalg.eigvalsh(w.double().numpy().T @ w.double().numpy())
+        ref = spectral.esd_distance(np.clip(own, 0, None), np.clip(np.linalg.eigvalsh(shuffled.T @ shuffled), 0, None))
+        assert res.loc[f"{k}.weight", "rand_distance"] == pytest.approx(ref, abs=1e-9)
+    assert res.loc["rank1.weight", "rand_distance"] > 0.9 > 0.5 > res.loc["noise.weight", "rand_distance"]
+    other = spectune.analyze(module, randomize=True, seed=1, progress=False).metrics.set_index("name")
+    assert other.loc["noise.weight", "rand_distance"] != res.loc["noise.weight", "rand_distance"]

@@ -129,6 +129,42 @@ class AnalysisResult:
             out[col] = {"of": int(len(ok)), **counts, "any": int((ok[f"{col}_flags"].fillna("") != "").sum())}
         return out
 
+    def distinguishable(self, column: str = "alpha_hill", z: float = 1.959963984540054) -> pd.DataFrame:
+        """Per module type: how many matrices' ``column`` differ from their type's mean at 95%.
+
+        For matrix i of a type with k >= 2 fitted matrices (status ok, finite alpha and se):
+        m = the mean of the other k - 1 alphas, s_m = sqrt(sum of their se^2) / (k - 1), and
+        i is distinguishable when |alpha_i - m| > z sqrt(se_i^2 + s_m^2) (a two-sided z-test
+        of the difference, leaving i out of the mean it is compared with). Also per type:
+        how many fits are flagged, and how many of those distinguishable are unflagged; the
+        sample standard deviation of the alphas against their median se; and I^2 =
+        max(0, (Q - (k - 1)) / Q), Cochran's Q over the fits with w = 1 / se^2 (Higgins &
+        Thompson 2002): the share of the spread between matrices that their own
+        uncertainty does not explain.
+        """
+        ok = self.ok
+        rows = []
+        for kind, g in ok.groupby("module_type", sort=True):
+            a = pd.to_numeric(g[column], errors="coerce").to_numpy(float)
+            se = pd.to_numeric(g.get(f"{column}_se"), errors="coerce").to_numpy(float)
+            good = np.isfinite(a) & np.isfinite(se) & (se > 0)
+            a, se = a[good], se[good]
+            flags = g[f"{column}_flags"].fillna("").astype(str).to_numpy()[good] if f"{column}_flags" in g else np.full(len(a), "")
+            k = len(a)
+            if k < 2:
+                continue
+            other_mean = (a.sum() - a) / (k - 1)
+            other_se = np.sqrt((se**2).sum() - se**2) / (k - 1)
+            hit = np.abs(a - other_mean) > z * np.sqrt(se**2 + other_se**2)
+            w = 1 / se**2
+            q = float(np.sum(w * (a - np.sum(w * a) / np.sum(w)) ** 2))
+            rows.append({"module_type": kind, "matrices": k, "flagged": int((flags != "").sum()),
+                         "distinguishable": int(hit.sum()), "distinguishable_unflagged": int((hit & (flags == "")).sum()),
+                         "sd": float(np.std(a, ddof=1)), "median_se": float(np.median(se)),
+                         "i2": max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0})
+        return pd.DataFrame(rows, columns=["module_type", "matrices", "flagged", "distinguishable",
+                                           "distinguishable_unflagged", "sd", "median_se", "i2"])
+
     def digest(self) -> str:
         """Content hash of the metrics table; a plan records it to name the analysis it used."""
         csv = self.metrics.to_csv(index=False, float_format="%.10g")
