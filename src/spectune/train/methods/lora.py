@@ -24,7 +24,6 @@ from spectune.train.methods.base import (RANKS, RATES, TRAINABLE, BuildContext, 
                                          targets, train_planned_matrices)
 
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", *lora_init.DATA_INITS, "loftq", "milora")
-OPTIMIZERS = ("adamw", "loraplus", "lorafa")
 
 
 class LoraFamilyConfig(TargetedBase):
