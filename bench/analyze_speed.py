@@ -10,6 +10,10 @@ WeightWatcher) transformers model loading are timed separately.
 Measurements, per model:
   spectune          spectune.analyze(folder, randomize=False)  every metric but rand_distance
   spectune_rand     spectune.analyze(folder, randomize=True)   every metric
+  spectune_base     spectune.analyze(folder) of the code at --baseline-rev (git archive of its src/,
+                    first on PYTHONPATH): the analysis before a change, for the cost ratio of the change
+  spectune_boot     spectune.analyze(folder, uncertainty="bootstrap:200"): the opt-in bootstrap intervals
+  spectune_farms    spectune.analyze(folder, alpha_estimator="farms")
   svdvals_floor     safe_open one tensor at a time (>=2-D float weights), float32,
                     torch.linalg.svdvals, nothing else
   ww_default        weightwatcher 0.7.7 WeightWatcher(model).analyze()
@@ -19,6 +23,9 @@ Usage:
   .venv/bin/python bench/analyze_speed.py                 # both models, everything (~10+ min on 2 cores)
   .venv/bin/python bench/analyze_speed.py --quick         # minilm only, no WW mp_fit
   .venv/bin/python bench/analyze_speed.py --repeat 3      # min time over 3 fresh runs each
+  .venv/bin/python bench/analyze_speed.py --models minilm --kinds spectune spectune_base --baseline-rev 3a417d3 --repeat 5
+                                                          # this tree's default analysis against the one before issue 22
+  .venv/bin/python bench/analyze_speed.py --device cuda ...   # spectune on the GPU (the floor stays the CPU's)
 
 Results: a table on stdout and bench/results/analyze_speed.json.
 """
@@ -39,10 +46,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 MODELS = ("minilm", "smollm2-135m")
-KINDS = ("spectune", "spectune_rand", "svdvals_floor", "ww_default", "ww_mpfit_rand")
+KINDS = ("spectune", "spectune_rand", "spectune_base", "spectune_boot", "spectune_farms", "svdvals_floor", "ww_default",
+         "ww_mpfit_rand")
+DEFAULT_KINDS = ("spectune", "spectune_rand", "svdvals_floor", "ww_default", "ww_mpfit_rand")
+# keyword arguments of spectune.analyze per spectune kind (spectune_base runs the baseline revision's code)
+SPECTUNE_KW = {"spectune": {}, "spectune_rand": {"randomize": True}, "spectune_base": {},
+               "spectune_boot": {"uncertainty": "bootstrap:200"}, "spectune_farms": {"alpha_estimator": "farms"}}
 LABELS = {
     "spectune": "spectune analyze (randomize=False)",
     "spectune_rand": "spectune analyze (randomize=True)",
+    "spectune_base": "spectune analyze at --baseline-rev",
+    "spectune_boot": "spectune analyze (uncertainty bootstrap:200)",
+    "spectune_farms": "spectune analyze (alpha_estimator farms)",
     "svdvals_floor": "bare svdvals loop (float32)",
     "ww_default": "WeightWatcher analyze() defaults",
     "ww_mpfit_rand": "WeightWatcher analyze(mp_fit, randomize)",
@@ -52,6 +67,7 @@ MB = 2**20
 TARGET_WW_OVER_SPECTUNE = 20.0  # WW(mp_fit + randomize) / spectune(randomize) >= 20
 TARGET_SPECTUNE_OVER_FLOOR = 1.5  # spectune(no randomize) / svdvals floor <= 1.5
 TARGET_RSS_MARGIN_MB = 400.0  # spectune peak RSS < safetensors size + 400 MB
+TARGET_OVER_BASELINE = 1.1  # issue 22: the default analysis (intervals and flags included) within 1.1x of the baseline
 
 
 # ---------------------------------------------------------------------------------
@@ -130,7 +146,7 @@ def svdvals_floor(folder: Path, include: list[str]) -> dict:
     return {"timings": {"read_s": read_s, "svdvals_s": svd_s}, "names": names}
 
 
-def _child(kind: str, folder: str, out_path: str, include: list[str] | None = None) -> None:
+def _child(kind: str, folder: str, out_path: str, include: list[str] | None = None, device: str = "cpu") -> None:
     t = time.perf_counter()
     import torch  # noqa: F401  (every measurement pays for torch; timed as import)
 
@@ -168,11 +184,15 @@ def _child(kind: str, folder: str, out_path: str, include: list[str] | None = No
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     with _MemSampler() as mem:
         t = time.perf_counter()
-        if kind in ("spectune", "spectune_rand"):
+        if kind in SPECTUNE_KW:
             import spectune
 
-            res = spectune.analyze(folder, progress=False, randomize=(kind == "spectune_rand"))
+            res = spectune.analyze(folder, progress=False, device=device, **SPECTUNE_KW[kind])
+            if device == "cuda":
+                torch.cuda.synchronize()
             rec["work_s"] = time.perf_counter() - t
+            rec["spectune_file"] = spectune.__file__
+            rec["device"] = device
             m = res.metrics
             rec["timings"] = {k: float(v) for k, v in res.timings.items()}
             rec["n_matrices"] = int(len(m))
@@ -240,7 +260,8 @@ def _wait_idle(max_wait: float, threshold: float = 0.3) -> tuple[float, float]:
     return time.perf_counter() - t0, load
 
 
-def _run_child(kind: str, folder: Path, log_dir: Path, tag: str, max_wait: float) -> dict:
+def _run_child(kind: str, folder: Path, log_dir: Path, tag: str, max_wait: float, device: str = "cpu",
+               baseline_src: Path | None = None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tf:
         out_path = tf.name
     log = log_dir / f"{tag}.log"
@@ -248,10 +269,16 @@ def _run_child(kind: str, folder: Path, log_dir: Path, tag: str, max_wait: float
     busy0 = _busy_s()
     t = time.perf_counter()
     with open(log, "w") as fh:
+        env = dict(os.environ)
+        if kind == "spectune_base":
+            if baseline_src is None:
+                raise ValueError("spectune_base needs --baseline-rev")
+            env["PYTHONPATH"] = os.pathsep.join([str(baseline_src), *filter(None, [env.get("PYTHONPATH")])])
         proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(folder), out_path],
+            [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(folder), out_path, "--device", device],
             stdout=fh,
             stderr=subprocess.STDOUT,
+            env=env,
         )
         _, status, ru = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -279,6 +306,8 @@ def _summarise(runs: list[dict]) -> dict:
     out["other_load_cores_all"] = [r["other_load_cores"] for r in runs]
     out["peak_rss_mb_all"] = [r["peak_rss_mb"] for r in runs]
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)  # conservative: worst peak
+    out["work_cpu_s"] = min(r["work_cpu_s"] for r in runs)  # the least CPU any run needed (contention only adds)
+    out["work_cpu_s_all"] = [r["work_cpu_s"] for r in runs]
     return out
 
 
@@ -372,6 +401,19 @@ def _git() -> dict:
     return {"head": git("rev-parse", "HEAD"), "dirty_src": bool(git("status", "--porcelain", "--", "src"))}
 
 
+def _baseline(rev: str) -> Path:
+    """The src/ folder of revision ``rev``, extracted once into bench/results/baseline-<rev> (git archive)."""
+    root = HERE.parent
+    sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", rev], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dest = RESULTS / f"baseline-{sha}"
+    if not (dest / "src" / "spectune" / "__init__.py").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(root), "archive", sha, "src"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest / "src"
+
+
 def _warm_page_cache(folder: Path) -> None:
     """Read the weight files once so every measurement starts from a warm page cache."""
     for p in sorted(folder.glob("*.safetensors")):
@@ -415,6 +457,17 @@ def _ratios(model: str, res: dict, size_mb: float, contended: float) -> dict:
             "met": (v <= TARGET_SPECTUNE_OVER_FLOOR) if ok else None,
             "contended": not ok,
             "cpu_time_ratio": cpu_ratio("spectune", "svdvals_floor"),
+        }
+    for kind, target in (("spectune_base", TARGET_OVER_BASELINE), ("spectune_boot", None), ("spectune_farms", None)):
+        if "spectune" not in res or kind not in res:
+            continue
+        a, b = ("spectune", kind) if kind == "spectune_base" else (kind, "spectune")
+        v, cpu = res[a]["work_s"] / res[b]["work_s"], cpu_ratio(a, b)
+        ok = clean(a, b)
+        # on a shared machine the CPU-time ratio is the one that can be judged (other processes inflate wall time)
+        r[f"{a}_over_{b}"] = {
+            "value": v, "target": f"<= {target:g} (CPU time)" if target else None,
+            "met": (cpu <= target) if target and cpu else None, "contended": not ok, "cpu_time_ratio": cpu,
         }
     limit = size_mb + TARGET_RSS_MARGIN_MB
     for kind in ("spectune", "spectune_rand"):
@@ -471,7 +524,7 @@ def _print_table(results: dict) -> None:
         print(f"{model}: safetensors {mres['file_mb']:.1f} MB")
         for name, rat in mres["ratios"].items():
             met = {True: "MET", False: "NOT MET", None: "info"}[rat["met"]]
-            if rat.get("contended"):
+            if rat.get("contended") and "CPU time" not in str(rat.get("target")):
                 met = "UNJUDGED: a run in it was contended by other processes"
             if "value" in rat:
                 tgt = f" (target {rat['target']})" if rat["target"] else ""
@@ -520,17 +573,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--retry-contended", type=int, default=1, help="extra attempts for a contended run")
     ap.add_argument("--out", type=Path, default=RESULTS / "analyze_speed.json")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where spectune analyzes (default cpu)")
+    ap.add_argument("--baseline-rev", help="git revision whose src/ the spectune_base measurement runs")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "FOLDER", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--floor-include", nargs="+", default=[], help=argparse.SUPPRESS)  # bench/llm_checkpoint.py
     args = ap.parse_args(argv)
     if args.child:
-        _child(*args.child, include=args.floor_include)
+        _child(*args.child, include=args.floor_include, device=args.device)
         return 0
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
 
     models = args.models or (["minilm"] if args.quick else list(MODELS))
-    kinds = args.kinds or [k for k in KINDS if not (args.quick and k == "ww_mpfit_rand")]
+    kinds = args.kinds or [k for k in DEFAULT_KINDS if not (args.quick and k == "ww_mpfit_rand")]
+    baseline_src = _baseline(args.baseline_rev) if args.baseline_rev else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log_dir = args.out.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -546,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
             "max_wait_idle_s": args.max_wait_idle,
             "contended_cores": args.contended,
             "retry_contended": args.retry_contended,
+            "device": args.device,
+            "baseline_rev": args.baseline_rev,
         },
         "machine": _machine(),
         "git": _git(),
@@ -562,25 +620,27 @@ def main(argv: list[str] | None = None) -> int:
         size_mb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / MB
         _warm_page_cache(folder)
         mres: dict = {"folder": str(folder), "file_mb": size_mb, "runs": {}}
-        for kind in kinds:
-            runs = []
-            for i in range(args.repeat):
+        runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
+        for i in range(args.repeat):  # kinds alternate within each repeat, so a change in load hits them alike
+            for kind in kinds:
                 tag = f"{model}.{kind}.{i}"
                 print(f"[{time.perf_counter() - t_all:7.1f}s] {tag} ...", flush=True)
                 for attempt in range(args.retry_contended + 1):
-                    rec = _run_child(kind, folder, log_dir, f"{tag}.{attempt}", args.max_wait_idle)
+                    rec = _run_child(kind, folder, log_dir, f"{tag}.{attempt}", args.max_wait_idle, args.device,
+                                     baseline_src)
                     rec["attempt"] = attempt
                     print(
-                        f"           work {rec['work_s']:.2f} s, load {rec['load_s']:.2f} s, "
+                        f"           work {rec['work_s']:.2f} s ({rec['work_cpu_s']:.2f} s CPU), load {rec['load_s']:.2f} s, "
                         f"peak RSS {rec['peak_rss_mb']:.0f} MB, {rec['n_matrices']} matrices, "
                         f"other load {rec['other_load_cores']:.2f} cores",
                         flush=True,
                     )
-                    runs.append(rec)  # contention only slows a run down, so every attempt is a valid upper bound
+                    runs[kind].append(rec)  # contention only slows a run down, so every attempt is a valid upper bound
                     if rec["other_load_cores"] <= args.contended:
                         break
                     print(f"           other processes kept {rec['other_load_cores']:.2f} cores busy: retrying", flush=True)
-            mres["runs"][kind] = _summarise(runs)
+        for kind in kinds:
+            mres["runs"][kind] = _summarise(runs[kind])
         if "spectune" in mres["runs"] and "ww_default" in mres["runs"]:
             mres["coverage"] = _coverage(mres["runs"]["spectune"], mres["runs"]["ww_default"])
         if "spectune" in mres["runs"] and "svdvals_floor" in mres["runs"]:

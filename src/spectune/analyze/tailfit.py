@@ -119,21 +119,21 @@ class Batch:
     def pos(self) -> torch.Tensor:
         return torch.arange(self.lam.shape[1], device=self.lam.device)
 
-    @property
-    def in_row(self) -> torch.Tensor:
-        return self.pos[None, :] >= self.start[:, None]
-
 
 def pad_left(spectra: Sequence[np.ndarray | torch.Tensor], device: torch.device) -> Batch:
-    """Ascending spectra (each of >= 2 values) as one left-padded float64 tensor on ``device``."""
+    """Ascending spectra (each of >= 2 values) as one left-padded float64 tensor on ``device``.
+
+    The batch is assembled where the spectra are and moved in one copy.
+    """
     sizes = [int(s.shape[0]) for s in spectra]
     width = max(sizes)
-    lam = torch.ones(len(spectra), width, dtype=torch.float64, device=device)
+    home = spectra[0].device if isinstance(spectra[0], torch.Tensor) else torch.device("cpu")
+    lam = torch.ones(len(spectra), width, dtype=torch.float64, device=home)
     for b, s in enumerate(spectra):
         t = s if isinstance(s, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(s))
-        lam[b, width - sizes[b]:] = t.to(device=device, dtype=torch.float64)
+        lam[b, width - sizes[b]:] = t.to(device=home, dtype=torch.float64)
     start = torch.tensor([width - n for n in sizes], dtype=torch.long, device=device)
-    return Batch(lam, start)
+    return Batch(lam.to(device), start)
 
 
 # -- point estimates -----------------------------------------------------------------------
