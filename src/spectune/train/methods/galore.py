@@ -39,7 +39,8 @@ class GaloreConfig(TargetedBase):
     rank: int = Field(128, ge=1, description="projection rank r of every targeted matrix (a rank plan's ranks "
                       "replace it); the paper uses 128 for 60M, 256 for 350M and 512 for 1B models")
     update_proj_gap: int = Field(200, ge=1, description="T: steps between recomputing each projection (paper: 200)")
-    scale: float = Field(0.25, gt=0, description="alpha: scale of the projected-back update (paper: 0.25)")
+    scale: float = Field(4.0, gt=0, description="alpha: scale of the projected-back update; 4 as in GaLore's GLUE "
+                         "fine-tuning runs (its repository's run_glue command), 0.25 in its pre-training runs")
     proj_type: Literal["std", "reverse_std", "left", "right"] = Field(
         "std", description="galore-torch's projection side; std projects the short side (the smaller state)")
 
