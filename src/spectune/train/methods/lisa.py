@@ -20,8 +20,10 @@ a pure function of the seed and the interval index, so a resumed run continues t
 same sequence without any stored random state. ``sampling: plan`` draws block b with
 probability proportional to s_b (``prefer-high``) or 1/s_b (``prefer-low``), s_b the
 parameter-weighted mean rate scale of the block's matrices in the run's rate plan
-(docs/metrics.md, "LISA block sampling"). The active blocks of each interval are
-appended to ``lisa_blocks.jsonl`` in the run folder.
+(docs/metrics.md, "LISA block sampling"); the probabilities come from the run's first
+plan (a re-plan between epochs changes the rates, not the draw). The active blocks of
+each interval are appended to ``lisa_blocks.jsonl`` in the run folder. Tested in one
+process.
 """
 
 from __future__ import annotations
