@@ -128,5 +128,9 @@ def test_a_kind_that_cannot_merge_is_refused_in_one_line(assets, tmp_path):  # t
     with pytest.raises(MergeError, match="kind prompt_tuning cannot be merged") as err:
         export_merged(run_dir, tmp_path / "merged")
     assert "\n" not in str(err.value) and not (tmp_path / "merged").exists()
+    # an init that rewrote the base (W_res = W - scaling B0 A0): its adapter does not belong to the checkpoint
+    for init in ("pissa_niter_4", "olora", "milora", "corda"):
+        with pytest.raises(TrainConfigError, match=f"output.merge: method.init={init} rewrote the frozen base"):
+            load_config({**base, "method": {"kind": "lora", "init": init}, "output": {"merge": True}})
     result = CliRunner().invoke(app, ["export", str(tmp_path / "nowhere"), "--merged", str(tmp_path / "m")])
     assert result.exit_code == 2 and "not a spectune run folder" in result.output

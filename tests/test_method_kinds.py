@@ -217,7 +217,7 @@ def test_a_mergeable_kind_merges_into_a_plain_model_computing_the_same(kind: str
 def test_a_kind_that_cannot_merge_says_why(kind: str) -> None:
     from spectune.train.methods import merge_problem
 
-    assert f"kind {kind} cannot be merged" in (merge_problem(kind) or "")
+    assert f"kind {kind} cannot be merged" in (merge_problem(METHODS[kind].config()) or "")
 
 
 @pytest.mark.parametrize("kind", [k for k, m in METHODS.items() if RANKS in m.plan_sets])

@@ -177,7 +177,7 @@ class TrainConfig(_Section):
         if self.output.merge:
             if not self.output.save_final:
                 raise ValueError("output.merge merges the saved final/ adapters: it needs output.save_final: true")
-            problem = merge_problem(self.method.kind, "output.merge")
+            problem = merge_problem(self.method, "output.merge")
             if problem:
                 raise ValueError(problem)
         if self.plan.switch_to_light and (self.method.kind != "full" or not (self.plan.policy or self.plan.file)):

@@ -73,7 +73,7 @@ def merged_model(run_dir: Path, task: str | None = None) -> tuple[torch.nn.Modul
     if not (final / "adapter_config.json").exists():  # full, BitFit, a switched run: already a plain model
         cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
         return cls.from_pretrained(str(final), dtype=torch.float32), AutoTokenizer.from_pretrained(str(final))
-    problem = merge_problem(cfg.method.kind)
+    problem = merge_problem(cfg.method)
     if problem:
         raise MergeError(problem)
     tok = AutoTokenizer.from_pretrained(str(final))

@@ -15,6 +15,7 @@ from pydantic import Field
 from spectune.plan import Plan
 from spectune.train.methods import adalora, bitfit, frozen, full, ia3, lora, prompt_tuning, qlora
 from spectune.train.methods import galore, lisa, mezo  # the memory-efficient full-parameter family
+from spectune.train.methods import lora_init
 from spectune.train.methods import (boft, fourierft, hra, loha, lokr, miss, oft, p_tuning,  # PEFT tuners, SVFT
                                     prefix_tuning, randlora, svft, vera)
 from spectune.train.methods.base import (HEAD_NAMES, RANKS, RATES, TRAINABLE, BuildContext, Method, MethodBase,
@@ -74,13 +75,23 @@ def build_context(model: torch.nn.Module, cfg: MethodBase, task: str, plan: Plan
     return BuildContext(task=task, plan=plan, total_steps=total_steps, heads=heads, **context)
 
 
-def merge_problem(kind: str, where: str = "method.kind") -> str | None:
-    """Why a kind's trained result cannot be merged into the base weights (one line), or None."""
-    spec = METHODS[kind]
-    if spec.mergeable:
-        return None
-    return (f"{where}: kind {kind} cannot be merged into the base weights ({spec.trains} are not weight changes); "
-            "keep the adapter folder and load it with peft")
+def merge_problem(cfg: MethodBase, where: str = "method.kind") -> str | None:
+    """Why a run's trained result cannot be merged into the base checkpoint (one line), or None.
+
+    Initialisations that rewrite the frozen base at the start (PiSSA, OLoRA, MiLoRA, CorDA,
+    LoRA-GA, LoftQ: W_res = W - scaling B0 A0) leave an adapter that belongs to W_res, which
+    the saved checkpoint does not hold: merged into W it would be wrong, so it is refused.
+    """
+    spec = METHODS[cfg.kind]  # type: ignore[attr-defined]
+    if not spec.mergeable:
+        return (f"{where}: kind {cfg.kind} cannot be merged into the base weights ({spec.trains} are not weight "  # type: ignore[attr-defined]
+                "changes); keep the adapter folder and load it with peft")
+    init = str(getattr(cfg, "init", "default"))
+    if init.startswith("pissa") or init in ("olora", *lora_init.BASE_REWRITING):
+        return (f"{where}: method.init={init} rewrote the frozen base at the start of training (W - scaling B0 A0), "
+                "and the adapter in final/ belongs to that base, not to the checkpoint; merging is not supported "
+                "for it yet (load final/ with peft over the rewritten base, or train with init default)")
+    return None
 
 
 def apply_method(model: torch.nn.Module, cfg: MethodBase, task: str, plan: Plan | None, total_steps: int,
