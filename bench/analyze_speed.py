@@ -146,6 +146,26 @@ def svdvals_floor(folder: Path, include: list[str]) -> dict:
     return {"timings": {"read_s": read_s, "svdvals_s": svd_s}, "names": names}
 
 
+def _spectune_work(kind: str, folder: str, device: str, t: float) -> dict:
+    """One spectune measurement (``SPECTUNE_KW[kind]``), timed from ``t``: its record fields."""
+    import torch
+
+    import spectune
+
+    res = spectune.analyze(folder, progress=False, device=device, **SPECTUNE_KW[kind])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    rec: dict = {"work_s": time.perf_counter() - t, "spectune_file": spectune.__file__, "device": device}
+    m = res.metrics
+    rec["timings"] = {k: float(v) for k, v in res.timings.items()}
+    rec["n_matrices"] = int(len(m))
+    rec["status_counts"] = {str(k): int(v) for k, v in m["status"].value_counts().items()}
+    rec["names"] = [str(x) for x in m["name"]]
+    rec["tied"] = {str(n): str(tt) for n, tt in zip(m["name"], m["tied_to"]) if tt}
+    rec["rand_distance_rows"] = int(m["rand_distance"].notna().sum())
+    return rec
+
+
 def _child(kind: str, folder: str, out_path: str, include: list[str] | None = None, device: str = "cpu") -> None:
     t = time.perf_counter()
     import torch  # noqa: F401  (every measurement pays for torch; timed as import)
@@ -185,21 +205,7 @@ def _child(kind: str, folder: str, out_path: str, include: list[str] | None = No
     with _MemSampler() as mem:
         t = time.perf_counter()
         if kind in SPECTUNE_KW:
-            import spectune
-
-            res = spectune.analyze(folder, progress=False, device=device, **SPECTUNE_KW[kind])
-            if device == "cuda":
-                torch.cuda.synchronize()
-            rec["work_s"] = time.perf_counter() - t
-            rec["spectune_file"] = spectune.__file__
-            rec["device"] = device
-            m = res.metrics
-            rec["timings"] = {k: float(v) for k, v in res.timings.items()}
-            rec["n_matrices"] = int(len(m))
-            rec["status_counts"] = {str(k): int(v) for k, v in m["status"].value_counts().items()}
-            rec["names"] = [str(x) for x in m["name"]]
-            rec["tied"] = {str(n): str(tt) for n, tt in zip(m["name"], m["tied_to"]) if tt}
-            rec["rand_distance_rows"] = int(m["rand_distance"].notna().sum())
+            rec.update(_spectune_work(kind, folder, device, t))
         elif kind == "svdvals_floor":
             floor = svdvals_floor(Path(folder), include or [])
             rec["work_s"] = time.perf_counter() - t
@@ -553,6 +559,58 @@ def _print_table(results: dict) -> None:
             print(f"  floor phases: {json.dumps({k: round(v, 2) for k, v in fl['timings'].items()})}")
 
 
+def _measure(model: str, folder: Path, kinds: list[str], args: argparse.Namespace, log_dir: Path,
+             baseline_src: Path | None, t_all: float) -> dict[str, list[dict]]:
+    """Every run of every kind on one model; kinds alternate within each repeat, so a change in load hits them alike."""
+    runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    for i in range(args.repeat):
+        for kind in kinds:
+            tag = f"{model}.{kind}.{i}"
+            print(f"[{time.perf_counter() - t_all:7.1f}s] {tag} ...", flush=True)
+            for attempt in range(args.retry_contended + 1):
+                rec = _run_child(kind, folder, log_dir, f"{tag}.{attempt}", args.max_wait_idle, args.device, baseline_src)
+                rec["attempt"] = attempt
+                print(
+                    f"           work {rec['work_s']:.2f} s ({rec['work_cpu_s']:.2f} s CPU), load {rec['load_s']:.2f} s, "
+                    f"peak RSS {rec['peak_rss_mb']:.0f} MB, {rec['n_matrices']} matrices, "
+                    f"other load {rec['other_load_cores']:.2f} cores",
+                    flush=True,
+                )
+                runs[kind].append(rec)  # contention only slows a run down, so every attempt is a valid upper bound
+                if rec["other_load_cores"] <= args.contended:
+                    break
+                print(f"           other processes kept {rec['other_load_cores']:.2f} cores busy: retrying", flush=True)
+    return runs
+
+
+def _header(args: argparse.Namespace, argv: list[str] | None, models: list[str], kinds: list[str]) -> dict:
+    """The results file's header: the command, options, machine, git state and targets."""
+    return {
+        "command": " ".join([Path(sys.executable).name, "bench/analyze_speed.py", *(argv if argv is not None else sys.argv[1:])]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "options": {
+            "quick": args.quick,
+            "repeat": args.repeat,
+            "models": models,
+            "kinds": kinds,
+            "max_wait_idle_s": args.max_wait_idle,
+            "contended_cores": args.contended,
+            "retry_contended": args.retry_contended,
+            "device": args.device,
+            "baseline_rev": args.baseline_rev,
+        },
+        "machine": _machine(),
+        "git": _git(),
+        "targets": {
+            "ww_mpfit_rand_over_spectune_rand": f">= {TARGET_WW_OVER_SPECTUNE:g}",
+            "spectune_over_svdvals_floor": f"<= {TARGET_SPECTUNE_OVER_FLOOR:g}",
+            "spectune_peak_rss": f"< safetensors size + {TARGET_RSS_MARGIN_MB:g} MB",
+            "spectune_over_spectune_base": f"<= {TARGET_OVER_BASELINE:g} (CPU time)",
+        },
+        "models": {},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="minilm only, skip WeightWatcher mp_fit+randomize")
@@ -591,54 +649,14 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = args.out.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    results: dict = {
-        "command": " ".join([Path(sys.executable).name, "bench/analyze_speed.py", *(argv if argv is not None else sys.argv[1:])]),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "options": {
-            "quick": args.quick,
-            "repeat": args.repeat,
-            "models": models,
-            "kinds": kinds,
-            "max_wait_idle_s": args.max_wait_idle,
-            "contended_cores": args.contended,
-            "retry_contended": args.retry_contended,
-            "device": args.device,
-            "baseline_rev": args.baseline_rev,
-        },
-        "machine": _machine(),
-        "git": _git(),
-        "targets": {
-            "ww_mpfit_rand_over_spectune_rand": f">= {TARGET_WW_OVER_SPECTUNE:g}",
-            "spectune_over_svdvals_floor": f"<= {TARGET_SPECTUNE_OVER_FLOOR:g}",
-            "spectune_peak_rss": f"< safetensors size + {TARGET_RSS_MARGIN_MB:g} MB",
-        },
-        "models": {},
-    }
+    results = _header(args, argv, models, kinds)
     t_all = time.perf_counter()
     for model in models:
         folder = _resolve(model)  # converts smollm2 once (cached), outside any measurement
         size_mb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / MB
         _warm_page_cache(folder)
         mres: dict = {"folder": str(folder), "file_mb": size_mb, "runs": {}}
-        runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
-        for i in range(args.repeat):  # kinds alternate within each repeat, so a change in load hits them alike
-            for kind in kinds:
-                tag = f"{model}.{kind}.{i}"
-                print(f"[{time.perf_counter() - t_all:7.1f}s] {tag} ...", flush=True)
-                for attempt in range(args.retry_contended + 1):
-                    rec = _run_child(kind, folder, log_dir, f"{tag}.{attempt}", args.max_wait_idle, args.device,
-                                     baseline_src)
-                    rec["attempt"] = attempt
-                    print(
-                        f"           work {rec['work_s']:.2f} s ({rec['work_cpu_s']:.2f} s CPU), load {rec['load_s']:.2f} s, "
-                        f"peak RSS {rec['peak_rss_mb']:.0f} MB, {rec['n_matrices']} matrices, "
-                        f"other load {rec['other_load_cores']:.2f} cores",
-                        flush=True,
-                    )
-                    runs[kind].append(rec)  # contention only slows a run down, so every attempt is a valid upper bound
-                    if rec["other_load_cores"] <= args.contended:
-                        break
-                    print(f"           other processes kept {rec['other_load_cores']:.2f} cores busy: retrying", flush=True)
+        runs = _measure(model, folder, kinds, args, log_dir, baseline_src, t_all)
         for kind in kinds:
             mres["runs"][kind] = _summarise(runs[kind])
         if "spectune" in mres["runs"] and "ww_default" in mres["runs"]:
