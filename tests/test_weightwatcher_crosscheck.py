@@ -30,7 +30,7 @@ What agrees, and how closely (measured, then the tolerance set with margin):
   different xmin (a near-tie flipped), which would be worth looking at, not loosening.
 - ``sigma`` vs ``alpha_se`` and ``num_pl_spikes`` vs ``alpha_n_tail``: WeightWatcher's standard error of
   its alpha is the powerlaw package's (alpha - 1) / sqrt(n_tail) over the eigenvalues >= xmin, spectune's
-  asymptotic ``alpha_se`` the same formula (Clauset et al. 2009, eq. 3.2) on the same fit: asserted at
+  asymptotic ``alpha_se`` the same formula (Clauset et al. 2009, section 3.1) on the same fit: asserted at
   relative 1e-9 and the tail counts exactly.
 - ``entropy`` vs ``spectral_entropy``: same formula except that WW adds 1e-10 to every p
   (an absolute change of ~ M * 1e-10 * |log p| ~ 2e-7 to a sum near 5: relative ~5e-8),
