@@ -32,7 +32,7 @@ class AnalysisConfig(BaseModel):
     uncertainty: str = Field(
         "asymptotic",
         description="interval of every alpha: asymptotic ((alpha - 1) / sqrt(n_tail), the default) or bootstrap[:B] "
-        "(B >= 20 resamples of the eigenvalues, 200 if B is not given; about 10x the analysis time)",
+        "(B >= 20 resamples of the eigenvalues, 200 if B is not given; about 12x the analysis time)",
     )
     randomize: bool = Field(False, description="also compute rand_distance (one more spectrum per matrix)")
     ce_mode: Literal["histogram", "elementwise"] = "histogram"
