@@ -137,7 +137,7 @@ def _first_plan(cfg: TrainConfig, model: torch.nn.Module, ckpt: Path | None,
     source: Any = model_path(cfg.model.name) if cfg.method.kind == "qlora" else model
     t = time.perf_counter()
     result = analyze(source, progress=False, alpha_estimator=cfg.plan.alpha_estimator)
-    if cfg.method.kind in UNWRAPPED_KINDS and ckpt is None:
+    if cfg.method.kind in UNWRAPPED_KINDS and ckpt is None and cfg.logging.track_metrics:  # the tracker reads step 0
         cache.update(step=0, result=result, seconds=cache.get("seconds", 0.0) + time.perf_counter() - t)
     return make_plan(result, cfg.plan.policy, params, one_d_rule=cfg.plan.one_d_rule), 0
 
