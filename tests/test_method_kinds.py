@@ -3,7 +3,8 @@
 Per kind: only its own parameters train; a rate plan's per-matrix rates reach every
 trained parameter (an adapter takes its layer's) in the SpectralTrainer's optimizer; a
 few steps on one batch keep the loss finite and bring it down; a rank plan sets the
-module sizes of the kinds that take one and is refused, naming the field, by the rest.
+module sizes of the kinds that take one and is refused, naming the field, by the rest;
+a kind marked mergeable folds into a plain model computing the same logits.
 SVFT is checked against its explicit construction from ``torch.linalg.svd``. A
 slow test resumes a killed run of a few kinds to identical metrics.
 """
