@@ -214,6 +214,27 @@ def test_a_mergeable_kind_merges_into_a_plain_model_computing_the_same(kind: str
     assert torch.allclose(plain(input_ids=x).logits, before, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", [k for k, m in METHODS.items() if m.mergeable and TRAINS[k] != BASE
+                                  and k not in ("qlora", "frozen", "bitfit")])
+def test_a_replan_reads_each_adapted_matrix_as_the_layer_applies_it(kind: str, tmp_path: Path) -> None:
+    """Re-plans analyse the training model: its matrices are the merged ones, under the base's names, and no
+    adapter tensor (hra_u, oft_R, svft_m, ...) is a matrix of its own."""
+    from spectune.analyze.sources import from_module
+
+    model, _, _ = build(kind, tmp_path / "m")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(0.05 * torch.randn_like(p))
+    read = {r.name: r.load().clone() for r in from_module(model).refs}  # merging below works in place
+    plain = dict(merged(model).named_parameters())
+    assert set(read) == {r.name for r in from_module(tiny_model("qwen2")).refs}
+    changed = [n for n, w in read.items() if not torch.equal(w, tiny_model("qwen2").get_parameter(n))]
+    assert changed  # the training shows
+    for name, w in read.items():
+        assert torch.allclose(w, plain[name], atol=1e-5), name
+
+
 @pytest.mark.parametrize("kind", [k for k, m in METHODS.items() if not m.mergeable])
 def test_a_kind_that_cannot_merge_says_why(kind: str) -> None:
     from spectune.train.methods import merge_problem

@@ -125,7 +125,8 @@ def open_source(model: Any, trust_remote_code: bool = False) -> WeightSource:
 # --- loaded modules ---------------------------------------------------------------
 
 
-_ADAPTER_PARAM = re.compile(r"\.(lora_[A-Za-z_]+|ia3_l|modules_to_save|original_module|prompt_encoder|hada_|lokr_)(\.|$)")
+# PEFT's wrappers that are not adapted layers: a trained copy of a whole module, and prompt encoders
+_ADAPTER_PARAM = re.compile(r"(^|\.)(modules_to_save|original_module|prompt_encoder)(\.|$)")
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -147,25 +148,82 @@ def dense(param: torch.Tensor) -> torch.Tensor:
     return param.detach()
 
 
-def _peft_merged(model: torch.nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
-    """Loaders of W + delta W for every PEFT-adapted layer, keyed by the base weight's name.
-
-    During LoRA training the matrix that matters is the merged one; reading the
-    frozen base weight alone would show no training at all.
-    """
-    out: dict[str, Callable[[], torch.Tensor]] = {}
+def _adapter_wrappers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, torch.nn.Module]]:
+    """(name, wrapper, base layer) for every adapted layer: PEFT's tuners and SVFT all keep the original as ``base_layer``."""
     for mname, mod in model.named_modules():
         base = getattr(mod, "base_layer", None)
-        if base is None or not hasattr(mod, "get_delta_weight") or not hasattr(base, "weight"):
+        if isinstance(base, torch.nn.Module) and hasattr(base, "weight"):
+            yield mname, mod, base
+
+
+def _adapter_params(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters an adapter adds: everything in a wrapper outside its ``base_layer``.
+
+    One rule for every kind (lora_A, hra_u, oft_R, boft_s, svft_m, ...), so a new kind's
+    tensors are never read as weight matrices of their own.
+    """
+    return {
+        f"{mname}.{pname}"
+        for mname, mod, _ in _adapter_wrappers(model)
+        for pname, _ in mod.named_parameters()
+        if not pname.startswith("base_layer.")
+    }
+
+
+def _additive(mod: torch.nn.Module) -> bool:
+    """LoRA-family and IA3 layers: W + get_delta_weight, exact also for 4-bit and Conv1D bases.
+
+    DoRA is not: its magnitude vector rescales W + BA column by column.
+    """
+    dora = any(getattr(mod, "use_dora", {}).get(a, False) for a in getattr(mod, "active_adapters", []))
+    return hasattr(mod, "get_delta_weight") and (hasattr(mod, "lora_A") or hasattr(mod, "ia3_l")) and not dora
+
+
+def _applied_weight(mod: torch.nn.Module, base: torch.nn.Linear) -> torch.Tensor:
+    """The (out, in) matrix an adapted linear layer applies, read from its response to the identity.
+
+    Kinds differ in how they change W (added, rotated, scaled: LoHa, OFT, HRA, BOFT, MiSS,
+    SVFT...), but every one is affine in its input, so f(I) - f(0) is the effective weight
+    transposed, computed by the layer's own forward (in eval mode: no dropout).
+    """
+    n_in = base.in_features
+    probe = torch.cat([torch.eye(n_in), torch.zeros(1, n_in)]).to(base.weight.device, base.weight.dtype)
+    was_training = mod.training
+    try:
+        mod.eval()
+        with torch.no_grad():
+            out = mod(probe)
+    finally:
+        mod.train(was_training)
+    return (out[:-1] - out[-1:]).t().contiguous()
+
+
+def _peft_merged(model: torch.nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
+    """Loaders of the trained weight of every adapted layer, keyed by the base weight's name.
+
+    During adapter training the matrix that matters is the one the layer applies;
+    reading the frozen base weight alone would show no training at all. A wrapper
+    around something other than a plain linear layer with a non-additive kind reads
+    as its base weight (no such kind is registered).
+    """
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    for mname, mod, base in _adapter_wrappers(model):
+        if _additive(mod):
+
+            def load(mod: Any = mod, base: Any = base) -> torch.Tensor:
+                w = dense(base.weight)
+                for adapter in getattr(mod, "active_adapters", []):
+                    if adapter in getattr(mod, "lora_A", {}) or adapter in getattr(mod, "ia3_l", {}):
+                        w = w + mod.get_delta_weight(adapter).detach().to(w.dtype)
+                return w
+
+        elif type(base) is torch.nn.Linear:
+
+            def load(mod: Any = mod, base: Any = base) -> torch.Tensor:
+                return _applied_weight(mod, base)
+
+        else:
             continue
-
-        def load(mod: Any = mod, base: Any = base) -> torch.Tensor:
-            w = dense(base.weight)
-            for adapter in getattr(mod, "active_adapters", []):
-                if adapter in getattr(mod, "lora_A", {}) or adapter in getattr(mod, "ia3_l", {}):
-                    w = w + mod.get_delta_weight(adapter).detach().to(w.dtype)
-            return w
-
         out[f"{mname}.base_layer.weight"] = load
     return out
 
@@ -183,6 +241,7 @@ def from_module(model: torch.nn.Module) -> WeightSource:
     adapter matrices themselves (lora_A, lora_B, ...) are not rows.
     """
     merged = _peft_merged(model)
+    adapter_params = _adapter_params(model)
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -198,7 +257,7 @@ def from_module(model: torch.nn.Module) -> WeightSource:
     for name, param in model.named_parameters(remove_duplicate=False):
         if (param.ndim < 2 and not _four_bit(param)) or (not param.dtype.is_floating_point and not _is_weight_name(name)):
             continue
-        if _ADAPTER_PARAM.search(name):
+        if name in adapter_params or _ADAPTER_PARAM.search(name):
             continue
         key = (param.data_ptr(), tuple(param.shape))
         if key in first_by_storage:
