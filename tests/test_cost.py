@@ -87,3 +87,28 @@ def test_peak_rss_window_resets():
     _memory.release_free_heap()
     assert _memory.reset_peak()
     assert _memory.peak_rss_mb() < high - 50 and not math.isnan(high)
+
+
+def test_a_fresh_process_cell_measures_its_own_peak_and_trains_the_same(assets, tmp_path):  # type: ignore[no-untyped-def]
+    """``fresh_process``: memory the worker holds (earlier cells' heap; here a written ballast) is not in the cell's
+    peak, as it is in a shared process; the cell itself trains to the same metrics either way."""
+    from spectune.compare import cells, load_compare_config, run_cell
+
+    if not _memory.reset_peak():
+        pytest.skip("this platform cannot reset the resident peak")
+
+    def grid(out: str, fresh: bool):  # type: ignore[no-untyped-def]
+        return load_compare_config({
+            "base": {"model": {"name": str(assets / "bert"), "max_length": 16},
+                     "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3}, "eval": {"batch_size": 64}},
+            "tasks": {"toy": {"data": {"path": str(assets / "cls.csv")}}}, "methods": {"full": {}},
+            "seeds": [0], "output_dir": str(tmp_path / out), "fresh_process": fresh})
+
+    ballast = bytearray(b"\x01" * (400 * 2**20))  # a worker's leftovers: resident, and alive during the cell
+    shared = run_cell(grid("shared", False), cells(grid("shared", False))[0])
+    fresh = run_cell(grid("fresh", True), cells(grid("fresh", True))[0])
+    assert ballast[-1] == 1
+    assert shared["status"] == fresh["status"] == "ok"
+    assert shared["peak_memory_mb"] > 400 + fresh["peak_memory_mb"] * 0.5
+    assert fresh["peak_memory_mb"] < shared["peak_memory_mb"] - 300
+    assert fresh["test_accuracy"] == shared["test_accuracy"] and fresh["test_loss"] == shared["test_loss"]

@@ -106,6 +106,11 @@ class CompareConfig(BaseModel):
     )
     tie_tolerance: float = Field(0.0, ge=0, description="a paired difference within this counts as a tie")
     output_dir: str = "runs/compare"
+    fresh_process: bool = Field(
+        False, description="train each final cell in a new Python process, so its peak memory is its own and not the "
+        "worker's history (as bench/train_memory.py measures it); costs one interpreter start a cell (about 7 s "
+        "CPU). Set it when memory decides between methods: in a shared process a cell's peak also holds what "
+        "earlier cells left in the heap (up to a few hundred MB)")
     search: SearchConfig | None = Field(None, description="tune each method on validation before the final seeds")
     order: Literal["seed", "task"] = Field(
         "seed", description="seed: every task and method of a seed before the next seed (a grid cut short is still "

@@ -123,7 +123,10 @@ def run_cell(cfg: CompareConfig, cell: Cell, values: dict[str, Any] | None = Non
         shutil.rmtree(folder)  # a cell cut short before its first checkpoint: nothing in it to keep
     t = time.perf_counter()
     try:
-        summary = train_measured(train_cfg, resume=resume, callbacks=[adapter_recorder(folder)])
+        if cfg.fresh_process:
+            summary = train_measured_fresh(train_cfg, resume, folder)
+        else:
+            summary = train_measured(train_cfg, resume=resume, callbacks=[adapter_recorder(folder)])
     except Exception as err:  # noqa: BLE001 - one failed cell must not end the grid; the row says what happened
         msg = f"{type(err).__name__}: {err}"
         _io.write_json(folder / FAILED_FILE, {"error": msg, "traceback": traceback.format_exc()})
@@ -153,6 +156,31 @@ def train_measured(train_cfg: Any, resume: bool = False, callbacks: list[Any] | 
     summary["peak_gpu_memory_mb"] = _memory.cuda_peak_mb()
     _io.write_json(path, summary)
     return summary  # type: ignore[no-any-return]
+
+
+def _measured_cell(train_cfg: Any, resume: bool, folder: Path, threads: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)  # the worker's share of the cores, not the machine's
+    return train_measured(train_cfg, resume=resume, callbacks=[adapter_recorder(folder)])
+
+
+def train_measured_fresh(train_cfg: Any, resume: bool, folder: Path) -> dict[str, Any]:
+    """``train_measured`` in a new (spawned) Python process: its peak starts from the imports alone.
+
+    A cell's peak in a long-lived worker also holds what earlier cells left in the
+    heap; in its own process it is the cell's, comparable with bench/train_memory.py's
+    rows. The child's exception comes back as the cell's error; a child killed from
+    outside (out of memory) is a ``BrokenProcessPool``, which fails the cell alone.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        job = pool.submit(_measured_cell, train_cfg, resume, folder, torch.get_num_threads())
+        return job.result()  # type: ignore[no-any-return]
 
 
 def adapter_recorder(folder: Path) -> Any:

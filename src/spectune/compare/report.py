@@ -365,7 +365,12 @@ def write_markdown(df: pd.DataFrame, cfg: CompareConfig, out_dir: str | Path, co
     if advice:
         lines += ["## What to run (quality against peak memory)", "",
                   "On the front: no method with lower or equal memory is significantly better (paired 95% interval); "
-                  "the recommendation is the least-memory method nothing within the budget beats.", "",
+                  "the recommendation is the least-memory method nothing within the budget beats. "
+                  + ("Each final cell's peak was measured in its own process (`fresh_process: true`)."
+                     if cfg.fresh_process else
+                     "Peaks were measured in long-lived worker processes, so a cell's peak also holds what earlier "
+                     "cells left in the heap: differences of a few hundred MB may be that history "
+                     "(`fresh_process: true` measures each cell alone)."), "",
                   *[f"- {md_escape(a)}" for a in advice], ""]
     for task in task_metrics(df, cfg.metric):
         part = rows[rows["task"] == task].drop(columns=["task"])
