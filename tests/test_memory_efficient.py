@@ -17,6 +17,7 @@ from spectune.train.methods import apply_method, plan_problem
 from spectune.train.methods.galore import GaloreConfig, optimizer as galore_optimizer, projection_ranks
 from spectune.train.methods.galore import build as galore_build
 from spectune.train.methods.lisa import BLOCKS_FILE, LisaConfig, block_probabilities, draw
+from spectune.train.methods.lisa_outliers import block_outlier_ratios, input_norms, outlier_ratio
 from spectune.train.methods.mezo import spsa_step, step_seed
 from spectune.train.run import run
 from tests.conftest import tiny_model
@@ -127,7 +128,7 @@ def test_lisa_block_probabilities_follow_the_plan_in_either_direction() -> None:
     assert block_probabilities(np.array([2.0, 0.5]), "prefer-high", 1) == pytest.approx([0.8, 0.2])
     assert block_probabilities(np.array([2.0, 0.5]), "prefer-low", 1) == pytest.approx([0.2, 0.8])
     assert block_probabilities(np.array([1.0, 0.0, 3.0]), "prefer-low", 2) == pytest.approx([0.75, 0.0, 0.25])
-    with pytest.raises(ValueError, match=r"method.layers=2: the plan trains only 1 blocks"):
+    with pytest.raises(ValueError, match=r"method.layers=2: only 1 blocks score above 0"):
         block_probabilities(np.array([1.0, 0.0]), "prefer-high", 2)
     draws = [draw(7, i, np.array([0.7, 0.1, 0.1, 0.1]), 1)[0] for i in range(2000)]
     assert np.mean(np.array(draws) == 0) == pytest.approx(0.7, abs=0.04)
@@ -163,6 +164,55 @@ def test_lisa_plan_sampling_in_a_run_trains_active_blocks_at_their_planned_rates
             assert groups[name]["lr_scale"] == pytest.approx(plan["lr_scale"][name])
 
 
+def test_outlier_ratio_is_owls_share_above_m_times_the_blocks_joint_mean() -> None:
+    """LOD against a hand count: the mean is over every linear of the block together, not per matrix."""
+    a = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 30.0]])  # mean 4.625: 30 > 5 x 4.625 = 23.1
+    b = torch.ones(2, 2)
+    assert outlier_ratio([a, b], 5.0) == pytest.approx(1 / 12)
+    assert outlier_ratio([a], 7.0) == 0.0  # alone, a's mean is 4.625 and 30 < 7 x 4.625
+    assert outlier_ratio([b], 1.5) == 0.0
+
+
+def test_block_outlier_ratios_weigh_weights_by_the_input_norms_of_the_calibration_tokens() -> None:
+    """A planted outlier column in one block's weight, fed by a loud input feature, makes that block the most
+    likely draw; the same ratio from an explicit |W| ||X_j|| over the hooked inputs."""
+    model = tiny_model("llama").eval()  # 2 blocks
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight[:, 3] *= 200.0
+    rows = [{"input_ids": torch.randint(5, 128, (1, 12), generator=torch.Generator().manual_seed(i))} for i in range(3)]
+    ratios = block_outlier_ratios(model, [0, 1], rows, threshold=13.0)
+    assert ratios[1] > ratios[0] >= 0.0
+    p = block_probabilities(ratios, "prefer-high", 1)
+    assert p[1] == max(p)
+    layer = model.model.layers[1].self_attn.q_proj
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for row in rows:
+            model(**row)
+    handle.remove()
+    norms = torch.cat(seen).double().pow(2).sum(0).sqrt()
+    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and ".layers.1." in f".{n}"}
+    got = input_norms(model, {"q": layer}, rows)["q"]
+    assert torch.allclose(got, norms)
+    assert len(linears) == 7
+
+
+def test_lisa_outlier_sampling_in_a_run_records_scores_and_draws_from_them(assets, llama4, tmp_path):  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    # a random tiny model has no entries 13 times its blocks' mean (a pretrained one has): M = 3 here
+    cfg = _cfg(llama4, assets, out, {"kind": "lisa", "layers": 1, "interval_steps": 2, "sampling": "outliers",
+                                     "calibration_batches": 2, "outlier_threshold": 3.0}, train={"max_steps": 4})
+    run(cfg)
+    sampling = json.loads((out / "lisa_sampling.json").read_text())
+    assert sampling["sampling"] == "outliers" and sampling["blocks"] == [0, 1, 2, 3]
+    scores = np.array(sampling["scores"])
+    assert (scores >= 0).all() and (scores <= 1).all() and scores.sum() > 0
+    p = block_probabilities(scores, "prefer-high", 1)
+    assert sampling["probabilities"] == pytest.approx(list(p))
+    assert [i["blocks"] for i in _intervals(out)] == [draw(0, i, p, 1) for i in range(2)]
+
+
 def yaml_load(path: Path) -> dict:
     import yaml
 
@@ -181,6 +231,8 @@ def test_lisa_bad_settings_are_refused_in_one_line() -> None:
     with pytest.raises(ValueError, match=r"^plan.policy=select decides the trainable set, but method.kind=lisa samples it"):
         apply_method(model, LisaConfig(layers=1), "causal_lm", select, 10)
     assert "decides per-module ranks" in (plan_problem("lisa", "adaptive-rank", {}, False) or "")
+    with pytest.raises(ValueError, match=r"^method.sampling=outliers reads activations from the run's training batches"):
+        apply_method(model, LisaConfig(layers=1, sampling="outliers"), "causal_lm", None, 10)
 
 
 # --------------------------------------------------------------------------------------------- GaLore

@@ -101,6 +101,7 @@ class BuildContext:
     run_dir: Path | None = None
     seed: int = 0
     train_batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)  # what a kind's build computed once for its callbacks
 
 
 @dataclass(frozen=True)

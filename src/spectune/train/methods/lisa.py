@@ -21,13 +21,16 @@ same sequence without any stored random state. ``sampling: plan`` draws block b 
 probability proportional to s_b (``prefer-high``) or 1/s_b (``prefer-low``), s_b the
 parameter-weighted mean rate scale of the block's matrices in the run's rate plan
 (docs/metrics.md, "LISA block sampling"); the probabilities come from the run's first
-plan (a re-plan between epochs changes the rates, not the draw). The active blocks of
-each interval are appended to ``lisa_blocks.jsonl`` in the run folder. Tested in one
-process.
+plan (a re-plan between epochs changes the rates, not the draw). ``sampling: outliers``
+draws in proportion to OwLore's outlier ratio of each block (``lisa_outliers``), computed
+once from the base weights and the run's first training batches. The active blocks of
+each interval are appended to ``lisa_blocks.jsonl`` in the run folder, and the scores and
+probabilities of a non-uniform draw are in ``lisa_sampling.json``. Tested in one process.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +41,16 @@ import torch
 from pydantic import Field, field_validator
 from transformers import TrainerCallback
 
+from spectune import _io
 from spectune.analyze.naming import layer_index, module_type
 from spectune.plan import Plan, match_names
 from spectune.train.methods.base import RATES, BuildContext, Method, MethodBase
+from spectune.train.methods.lisa_outliers import block_outlier_ratios
+from spectune.train.methods.lora_init import rows
 
 ALWAYS = ("embeddings", "head", "norms")
 BLOCKS_FILE = "lisa_blocks.jsonl"
+SAMPLING_FILE = "lisa_sampling.json"  # each block's score and probability, when the draw is not uniform
 
 
 class LisaConfig(MethodBase):
@@ -55,10 +62,16 @@ class LisaConfig(MethodBase):
         description="what trains at every step besides the sampled blocks: the input embeddings, the head (LM head "
         "or pooler; a tied head is the embedding matrix and trains if either is listed) and the norms outside the "
         "blocks; LISA's default is all three. A new task head (classifier) trains whenever train_head is on")
-    sampling: Literal["uniform", "plan"] = Field(
-        "uniform", description="uniform (LISA) or plan: block b drawn in proportion to its planned rate scale s_b")
+    sampling: Literal["uniform", "plan", "outliers"] = Field(
+        "uniform", description="uniform (LISA); plan: block b drawn in proportion to its planned rate scale s_b; "
+        "outliers: to its outlier ratio from weights and calibration activations (OwLore)")
     direction: Literal["prefer-high", "prefer-low"] = Field(
-        "prefer-high", description="sampling plan: p_b proportional to s_b (prefer-high) or to 1/s_b (prefer-low)")
+        "prefer-high", description="sampling plan or outliers: p_b proportional to the block's score s_b "
+        "(prefer-high; OwLore under outliers) or to 1/s_b (prefer-low)")
+    outlier_threshold: float = Field(13.0, gt=1, description="sampling outliers: M, an entry of |W| ||X|| is an "
+                                     "outlier above M times the block's mean (OwLore's released scores use 13)")
+    calibration_batches: int = Field(8, ge=1, description="sampling outliers: training batches whose activations "
+                                     "give the input norms")
 
     @field_validator("interval_steps")
     @classmethod
@@ -118,10 +131,28 @@ def layout(model: torch.nn.Module, cfg: LisaConfig, ctx: BuildContext) -> Layout
     if cfg.layers > len(ids):
         raise ValueError(f"method.layers={cfg.layers} is more than the model's {len(ids)} transformer blocks")
     probs = np.full(len(ids), 1.0 / len(ids))
-    if cfg.sampling == "plan":
-        scales = block_scales(model, ctx.plan, ids)
-        probs = block_probabilities(scales, cfg.direction, cfg.layers)
+    if cfg.sampling != "uniform":
+        if "lisa_scores" not in ctx.notes:  # computed once, at build: the callback's layout reads it back
+            ctx.notes["lisa_scores"] = (block_scales(model, ctx.plan, ids) if cfg.sampling == "plan"
+                                        else outlier_scores(model, ids, cfg, ctx))
+        probs = block_probabilities(ctx.notes["lisa_scores"], cfg.direction, cfg.layers)
     return Layout(blocks=[by_block[b] for b in ids], block_ids=ids, always=always, probabilities=probs)
+
+
+def outlier_scores(model: torch.nn.Module, ids: list[int], cfg: LisaConfig, ctx: BuildContext) -> np.ndarray:
+    """OwLore's LOD per block (``lisa_outliers``) from the run's first ``calibration_batches`` training batches."""
+    if ctx.train_batches is None:
+        raise ValueError("method.sampling=outliers reads activations from the run's training batches, and this run "
+                         "collates none (a preference objective's pairs are tokenized inside TRL's trainer); use "
+                         "sampling uniform or plan")
+    batches = list(itertools.islice(iter(ctx.train_batches()), cfg.calibration_batches))
+    calibration = [row for batch in batches for row in rows(dict(batch))]
+    scores = block_outlier_ratios(model, ids, calibration, cfg.outlier_threshold)
+    if (scores > 0).sum() < cfg.layers:
+        raise ValueError(f"method.sampling=outliers: only {int((scores > 0).sum())} of {len(ids)} blocks have an entry "
+                         f"of |W| ||X|| above method.outlier_threshold={cfg.outlier_threshold:g} times their mean, too "
+                         f"few to draw method.layers={cfg.layers} from; lower the threshold, or sample uniform")
+    return scores
 
 
 def block_scales(model: torch.nn.Module, plan: Plan | None, ids: list[int]) -> np.ndarray:
@@ -151,8 +182,8 @@ def block_probabilities(scales: np.ndarray, direction: str, gamma: int) -> np.nd
     s = np.asarray(scales, dtype=float)
     live = s > 0
     if live.sum() < gamma:
-        raise ValueError(f"method.layers={gamma}: the plan trains only {int(live.sum())} blocks at a rate above 0, "
-                         "too few to draw from")
+        raise ValueError(f"method.layers={gamma}: only {int(live.sum())} blocks score above 0 (a plan's rate, or "
+                         "an outlier ratio), too few to draw from")
     w = np.where(live, s if direction == "prefer-high" else 1.0 / np.where(live, s, 1.0), 0.0)
     return w / w.sum()
 
@@ -236,6 +267,11 @@ def build(model: torch.nn.Module, cfg: LisaConfig, ctx: BuildContext) -> torch.n
         raise ValueError(f"plan.policy={ctx.plan.policy} decides the trainable set, but method.kind=lisa samples it; "
                          "use a rate policy, or method.kind=full")
     lay = layout(model, cfg, ctx)
+    if ctx.run_dir is not None and cfg.sampling != "uniform":
+        _io.write_json(Path(ctx.run_dir) / SAMPLING_FILE, {
+            "sampling": cfg.sampling, "direction": cfg.direction, "blocks": lay.block_ids,
+            "scores": [float(x) for x in ctx.notes["lisa_scores"]],
+            "probabilities": [float(x) for x in lay.probabilities]})
     model.requires_grad_(False)
     for p in lay.block_params() + lay.always:
         p.requires_grad_(True)

@@ -1,0 +1,71 @@
+"""OwLore's layer score for LISA's draw: each block's outlier ratio from its weights and calibration activations.
+
+OwLore (Li et al., Findings of ACL 2025, arXiv:2405.18380) samples LISA's blocks with
+probability proportional to their layerwise outlier distribution (LOD), the score OWL
+(Yin et al., ICML 2024, arXiv:2310.05175) defines for pruning:
+
+  A_ij = |W_ij| * ||X_j||_2     (Wanda's importance: weight times the l2 norm of input feature j
+                                 over the calibration tokens)
+  LOD_b = #{A_ij > M * mean(A)} / #A   over every linear layer of block b together
+
+with M the outlier threshold. OwLore's released scores are cached under the name
+``llama2_7b_ratio_13``, so M = 13 is the default here (the paper text does not restate it).
+Calibration tokens are the run's first ``calibration_batches`` training batches, fed one
+row at a time without padding (as the data-driven LoRA initialisations read them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from spectune.analyze.naming import layer_index
+
+
+def outlier_ratio(importances: Iterable[torch.Tensor], threshold: float) -> float:
+    """LOD of one block: the share of all its importance entries above ``threshold`` times their joint mean."""
+    flat = torch.cat([a.reshape(-1).double() for a in importances])
+    if flat.numel() == 0:
+        return 0.0
+    return float((flat > threshold * flat.mean()).double().mean())
+
+
+@torch.no_grad()
+def input_norms(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
+                rows: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """||X_j||_2 of every input feature j of each linear layer, over every token of ``rows`` (forward hooks)."""
+    sums = {name: torch.zeros(layer.in_features, dtype=torch.float64) for name, layer in linears.items()}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def add(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            sums[name] += (x.double() ** 2).sum(dim=0).cpu()
+        return add
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in linears.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        for row in rows:
+            model(**{k: v.to(device) for k, v in row.items()})
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {name: s.sqrt() for name, s in sums.items()}
+
+
+def block_outlier_ratios(model: torch.nn.Module, block_ids: list[int],
+                         rows: Iterable[dict[str, torch.Tensor]], threshold: float) -> np.ndarray:
+    """LOD_b of each block in ``block_ids`` (the model's block indices), from the calibration ``rows``."""
+    linears = {name: mod for name, mod in model.named_modules()
+               if type(mod) is torch.nn.Linear and layer_index(f"{name}.weight") in block_ids}
+    norms = input_norms(model, linears, rows)
+    by_block: dict[int, list[torch.Tensor]] = {b: [] for b in block_ids}
+    for name, layer in linears.items():
+        importance = layer.weight.detach().abs().double().cpu() * norms[name].unsqueeze(0)
+        by_block[layer_index(f"{name}.weight")].append(importance)  # type: ignore[index]
+    return np.array([outlier_ratio(by_block[b], threshold) for b in block_ids])
