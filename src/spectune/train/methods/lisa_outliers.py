@@ -64,8 +64,10 @@ def block_outlier_ratios(model: torch.nn.Module, block_ids: list[int],
     linears = {name: mod for name, mod in model.named_modules()
                if type(mod) is torch.nn.Linear and layer_index(f"{name}.weight") in block_ids}
     norms = input_norms(model, linears, rows)
-    by_block: dict[int, list[torch.Tensor]] = {b: [] for b in block_ids}
-    for name, layer in linears.items():
-        importance = layer.weight.detach().abs().double().cpu() * norms[name].unsqueeze(0)
-        by_block[layer_index(f"{name}.weight")].append(importance)  # type: ignore[index]
-    return np.array([outlier_ratio(by_block[b], threshold) for b in block_ids])
+
+    def ratio(block: int) -> float:  # one block's importances at a time: float64 copies of every matrix would not fit
+        names = [n for n in linears if layer_index(f"{n}.weight") == block]
+        return outlier_ratio((linears[n].weight.detach().abs().double().cpu() * norms[n].unsqueeze(0) for n in names),
+                             threshold)
+
+    return np.array([ratio(b) for b in block_ids])
