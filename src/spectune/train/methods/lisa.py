@@ -46,7 +46,6 @@ from spectune.analyze.naming import layer_index, module_type
 from spectune.plan import Plan, match_names
 from spectune.train.methods.base import RATES, BuildContext, Method, MethodBase
 from spectune.train.methods.lisa_outliers import block_outlier_ratios
-from spectune.train.methods.lora_init import rows
 
 ALWAYS = ("embeddings", "head", "norms")
 BLOCKS_FILE = "lisa_blocks.jsonl"
@@ -145,9 +144,8 @@ def outlier_scores(model: torch.nn.Module, ids: list[int], cfg: LisaConfig, ctx:
         raise ValueError("method.sampling=outliers reads activations from the run's training batches, and this run "
                          "collates none (a preference objective's pairs are tokenized inside TRL's trainer); use "
                          "sampling uniform or plan")
-    batches = list(itertools.islice(iter(ctx.train_batches()), cfg.calibration_batches))
-    calibration = [row for batch in batches for row in rows(dict(batch))]
-    scores = block_outlier_ratios(model, ids, calibration, cfg.outlier_threshold)
+    batches = [dict(b) for b in itertools.islice(iter(ctx.train_batches()), cfg.calibration_batches)]
+    scores = block_outlier_ratios(model, ids, batches, cfg.outlier_threshold)
     if (scores > 0).sum() < cfg.layers:
         raise ValueError(f"method.sampling=outliers: only {int((scores > 0).sum())} of {len(ids)} blocks have an entry "
                          f"of |W| ||X|| above method.outlier_threshold={cfg.outlier_threshold:g} times their mean, too "

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from spectune.analyze.naming import layer_index
+from spectune.train.methods.lora_init import forward_rows
 
 
 def outlier_ratio(importances: Iterable[torch.Tensor], threshold: float) -> float:
@@ -32,10 +33,10 @@ def outlier_ratio(importances: Iterable[torch.Tensor], threshold: float) -> floa
     return float((flat > threshold * flat.mean()).double().mean())
 
 
-@torch.no_grad()
 def input_norms(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
-                rows: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """||X_j||_2 of every input feature j of each linear layer, over every token of ``rows`` (forward hooks)."""
+                batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """||X_j||_2 of every input feature j of each linear layer, over every token of ``batches`` (forward hooks;
+    the batches run a row at a time without padding, in eval mode)."""
     sums = {name: torch.zeros(layer.in_features, dtype=torch.float64) for name, layer in linears.items()}
 
     def hook(name: str):  # type: ignore[no-untyped-def]
@@ -48,9 +49,7 @@ def input_norms(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
     was_training = model.training
     try:
         model.eval()
-        device = next(model.parameters()).device
-        for row in rows:
-            model(**{k: v.to(device) for k, v in row.items()})
+        forward_rows(model, batches)()
     finally:
         model.train(was_training)
         for h in handles:
@@ -59,11 +58,11 @@ def input_norms(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
 
 
 def block_outlier_ratios(model: torch.nn.Module, block_ids: list[int],
-                         rows: Iterable[dict[str, torch.Tensor]], threshold: float) -> np.ndarray:
-    """LOD_b of each block in ``block_ids`` (the model's block indices), from the calibration ``rows``."""
+                         batches: list[dict[str, torch.Tensor]], threshold: float) -> np.ndarray:
+    """LOD_b of each block in ``block_ids`` (the model's block indices), from the calibration ``batches``."""
     linears = {name: mod for name, mod in model.named_modules()
                if type(mod) is torch.nn.Linear and layer_index(f"{name}.weight") in block_ids}
-    norms = input_norms(model, linears, rows)
+    norms = input_norms(model, linears, batches)
 
     def ratio(block: int) -> float:  # one block's importances at a time: float64 copies of every matrix would not fit
         names = [n for n in linears if layer_index(f"{n}.weight") == block]
