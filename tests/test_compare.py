@@ -291,3 +291,16 @@ def test_a_narrow_terminal_drops_columns_but_never_cuts_the_task_or_the_mean():
         assert ("peak mem" in left_out) == (width < 160)  # cost goes before the lower-value columns do
     table, left_out = _comparison_table("results", rows, 400)
     assert left_out == []  # a wide terminal shows every column
+
+
+def test_the_table_shows_what_a_subset_method_trains_at_once():
+    """LISA may train every block but steps two at a time: its row says both, a method training all it may says one."""
+    from spectune.compare.report import console_rows
+
+    df = _table({"full": [0.8, 0.81, 0.79], "lisa": [0.78, 0.8, 0.79]}).assign(trainable_parameters=134.5e6)
+    df["trainable_parameters_active"] = np.where(df["method"] == "lisa", 35.4e6, 134.5e6)
+    rows = {r["method"]: r["trainable"] for r in console_rows(summarize(df), paired(df, "full"))}
+    assert rows == {"full": "134.5M", "lisa": "35.4M of 134.5M"}
+    older = {r["method"]: r["trainable"] for r in console_rows(summarize(df.drop(columns="trainable_parameters_active")),
+                                                                 paired(df, "full"))}
+    assert older == {"full": "134.5M", "lisa": "134.5M"}  # runs from before the count keep the plain figure

@@ -65,6 +65,7 @@ class StepProbe(TrainerCallback):
         self.grads: list[set[str]] = []
         self.state: list[set[str]] = []
         self.groups: list[dict] = []
+        self.grad_numel: list[int] = []
 
     def on_train_begin(self, args, state, control, optimizer=None, model=None, **kw):  # type: ignore[no-untyped-def]
         self.groups = [{**{k: v for k, v in g.items() if k != "params"}, "names": _names(model, g["params"])}
@@ -72,6 +73,7 @@ class StepProbe(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kw):  # type: ignore[no-untyped-def]
         self.grads.append({n for n, p in model.named_parameters() if p.grad is not None})
+        self.grad_numel.append(sum(p.numel() for p in model.parameters() if p.grad is not None))
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):  # type: ignore[no-untyped-def]
         self.state.append(_names(model, [p for p, s in optimizer.state.items() if s]))
@@ -103,6 +105,9 @@ def test_lisa_only_the_sampled_blocks_carry_gradients_and_optimizer_state(assets
         # ...but the optimizer only ever holds the current two blocks (and what always trains)
         assert probe.state[step] == probe.grads[step]
     assert len(probe.state[-1]) == len(outside) + 2 * 9  # 9 tensors a Llama block
+    # the cost records what trains at once (two blocks and what always trains), not all LISA may train
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainable_parameters_active"] == max(probe.grad_numel) < summary["trainable_parameters"]
 
 
 class Crash(TrainerCallback):

@@ -422,6 +422,14 @@ def _count(n: float) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
 
 
+def _trainable(r: pd.Series) -> str:
+    """What a method trains: "35.4M of 134.5M" where it trains a subset at a time (LISA), else the count."""
+    total, active = r["trainable_parameters"], r.get("trainable_parameters_active", math.nan)
+    if math.isfinite(active) and math.isfinite(total) and active < total:
+        return f"{_count(active)} of {_count(total)}"
+    return _count(total)
+
+
 # the printed table's columns, most wanted first: a narrow terminal loses them from the end of this list; the task
 # and the mean (the number a reader came for) are never cut, the method is never dropped (it wraps when it must);
 # the report and summary.csv keep every column
@@ -462,7 +470,7 @@ def console_rows(summary: pd.DataFrame, pairs: pd.DataFrame, front: pd.DataFrame
             "p": f"{p['p_ttest'].iloc[0]:.2g}" if len(p) and math.isfinite(p["p_ttest"].iloc[0]) else "-",
             "w/t/l": f"{p['wins'].iloc[0]}/{p['ties'].iloc[0]}/{p['losses'].iloc[0]}" if len(p) else "",
             "verdict": p["verdict"].iloc[0] if len(p) else "",
-            "lr scale": f"{r.get('mean_lr_scale', math.nan):.2f}", "trainable": _count(r["trainable_parameters"]),
+            "lr scale": f"{r.get('mean_lr_scale', math.nan):.2f}", "trainable": _trainable(r),
             "optim state": _count(r.get("optimizer_state_parameters", math.nan)),
             "peak mem": fmt_mb(gpu if math.isfinite(gpu) else r.get("peak_memory_mb", math.nan)),
             "s/step": f"{r['seconds_per_step']:.3g}" if math.isfinite(r.get("seconds_per_step", math.nan)) else "-",

@@ -44,6 +44,7 @@ TRIALS_FILE = "trials.csv"
 SKIPPED = ("over budget", "duplicate")
 # what trials.csv records of each trial's cost (from its runs' summary.json; NaN where a run predates the measure)
 TRIAL_COSTS = ("peak_memory_mb", "peak_gpu_memory_mb", "seconds_per_step", "wall_time_s", "trainable_parameters",
+               "trainable_parameters_active",
                "optimizer_state_parameters")
 
 

@@ -92,7 +92,8 @@ def summarize(df: pd.DataFrame, metric: str = "auto") -> pd.DataFrame:
 
 # costs that vary from seed to seed get an interval; sizes fixed by the method get their mean
 INTERVAL_COSTS = ("peak_memory_mb", "peak_gpu_memory_mb", "seconds_per_step", "wall_time_s")
-MEAN_COSTS = ("mean_lr_scale", "trainable_parameters", "optimizer_state_parameters", "optimizer_state_mb")
+MEAN_COSTS = ("mean_lr_scale", "trainable_parameters", "trainable_parameters_active", "optimizer_state_parameters",
+              "optimizer_state_mb")
 
 
 def cost_summary(part: pd.DataFrame) -> dict[str, float]:

@@ -15,6 +15,10 @@ numbers are measured, not derived from a formula, so a method that keeps less st
 - ``optimizer_state_parameters``: elements of every tensor in ``optimizer.state`` at
   the end of training (``spectune._memory.optimizer_state_numel``), and
   ``optimizer_state_mb`` their bytes.
+- ``trainable_parameters_active``: the most parameters that took a step at once: at each
+  optimizer step, the elements of the parameters with ``requires_grad``. A method that
+  trains a subset at a time (LISA's active blocks) shows that subset, where the run's
+  ``trainable_parameters`` counts everything it may train; for the rest the two agree.
 - ``peak_gpu_memory_mb``: ``torch.cuda.max_memory_allocated`` since the last
   ``spectune._memory.reset_cuda_peak`` (a comparison grid resets it per cell), read
   when ``summary()`` is called; None without CUDA.
@@ -38,6 +42,7 @@ class CostCallback(TrainerCallback):
         self.first_step_s: float | None = None
         self.state_numel: int | None = None
         self.state_mb: float | None = None
+        self.active_numel: int | None = None
         self._started: float | None = None
         self._cuda = _memory.cuda_peak_mb() is not None
 
@@ -55,7 +60,7 @@ class CostCallback(TrainerCallback):
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self._started = self._now()
 
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         if self._started is None:
             return
         seconds = self._now() - self._started
@@ -64,6 +69,9 @@ class CostCallback(TrainerCallback):
             self.first_step_s = seconds  # warm-up: kept apart, used only when it is the only step
         else:
             self.step_seconds.append(seconds)
+        if model is not None:
+            active = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            self.active_numel = max(active, self.active_numel or 0)
 
     def on_train_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kw: Any) -> None:
         if optimizer is not None:
@@ -77,9 +85,11 @@ class CostCallback(TrainerCallback):
         return self.first_step_s
 
     def summary(self) -> dict[str, Any]:
-        """``seconds_per_step``, ``optimizer_state_parameters``, ``optimizer_state_mb``, ``peak_gpu_memory_mb``."""
+        """``seconds_per_step``, ``optimizer_state_parameters``, ``optimizer_state_mb``, ``trainable_parameters_active``,
+        ``peak_gpu_memory_mb``."""
         return {
             "seconds_per_step": self.seconds_per_step,
+            "trainable_parameters_active": self.active_numel,
             "optimizer_state_parameters": self.state_numel,
             "optimizer_state_mb": self.state_mb,
             "peak_gpu_memory_mb": _memory.cuda_peak_mb(),
