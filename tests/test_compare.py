@@ -204,7 +204,7 @@ def test_grid_runs_keeps_failures_and_resumes_only_missing_cells(assets, tmp_pat
     text = report.read_text()
     assert "<img" in text and "data:image/png;base64," in text and "Failed cells" in text
     assert "phased" in text and "full" in text and "spectune compare tiny.yaml" in text
-    from spectune.compare.report import write_markdown
+    from spectune.compare.markdown import write_markdown
 
     md = write_markdown(again, cfg, cfg.output_dir, command="spectune compare tiny.yaml").read_text()
     assert "## toy" in md and "| phased" in md and "](plots/toy_scores.png)" in md
@@ -246,7 +246,8 @@ def test_findings_name_the_direction_and_a_smaller_mean_rate():
 
 
 def test_curve_puts_each_tasks_setting_beside_its_paired_difference(assets, tmp_path):  # type: ignore[no-untyped-def]
-    from spectune.compare.report import curve_table, plot_curve
+    from spectune.compare.plots import plot_curve
+    from spectune.compare.report import curve_table
 
     cfg = load_compare_config({
         "name": "curve", "base": {"model": {"name": str(assets / "bert")}},
@@ -272,7 +273,7 @@ def test_a_narrow_terminal_drops_columns_but_never_cuts_the_task_or_the_mean():
 
     from spectune.cli import _comparison_table
     from spectune.compare.pareto import front_table
-    from spectune.compare.report import console_rows
+    from spectune.compare.console import console_rows
 
     task = "movie-sentiment-64-examples-long-task-name"
     long = {f"full-alpha-balance-sqrt-{i}": [0.61234 + 0.01 * i + d for d in (0.0, 0.01, -0.01)] for i in range(3)}
@@ -295,7 +296,7 @@ def test_a_narrow_terminal_drops_columns_but_never_cuts_the_task_or_the_mean():
 
 def test_the_table_shows_what_a_subset_method_trains_at_once():
     """LISA may train every block but steps two at a time: its row says both, a method training all it may says one."""
-    from spectune.compare.report import console_rows
+    from spectune.compare.console import console_rows
 
     df = _table({"full": [0.8, 0.81, 0.79], "lisa": [0.78, 0.8, 0.79]}).assign(trainable_parameters=134.5e6)
     df["trainable_parameters_active"] = np.where(df["method"] == "lisa", 35.4e6, 134.5e6)

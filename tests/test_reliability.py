@@ -162,7 +162,7 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch): 
 
 
 def test_results_markdown_prints_the_name_and_command_literally(tmp_path):  # type: ignore[no-untyped-def]
-    from spectune.compare.report import md_code, md_escape
+    from spectune.compare.markdown import md_code, md_escape
 
     assert md_escape("a_b *c* [d](e) <f> #g |h") == "a\\_b \\*c\\* \\[d\\](e) \\<f\\> \\#g \\|h"
     assert md_code("spectune compare x.yaml") == "`spectune compare x.yaml`"

@@ -294,7 +294,7 @@ def export(
 
 def _comparison_table(title: str, rows, width: int) -> tuple[Table, list[str]]:  # type: ignore[no-untyped-def]
     """The results table fitted to ``width``: low-value columns dropped first, task and mean never cut."""
-    from spectune.compare.report import NEVER_CUT, fit_columns
+    from spectune.compare.console import NEVER_CUT, fit_columns
 
     cells = rows.map(_fmt)
     columns = fit_columns(cells, width)
@@ -311,7 +311,7 @@ def _comparison_table(title: str, rows, width: int) -> tuple[Table, list[str]]: 
 def _print_comparison(result) -> None:  # type: ignore[no-untyped-def]
     import pandas as pd
 
-    from spectune.compare.report import console_rows
+    from spectune.compare.console import console_rows
 
     rows = pd.DataFrame(console_rows(result.tables["summary"], result.tables["paired"], result.tables.get("front")))
     if rows.empty:

@@ -14,7 +14,8 @@ import pandas as pd
 
 from spectune.compare.config import CompareConfig
 from spectune.compare.grid import Cell, run_grid
-from spectune.compare.report import comparison_tables, write_markdown, write_report
+from spectune.compare.markdown import write_markdown
+from spectune.compare.report import comparison_tables, write_report
 from spectune.compare.search import SearchPerTask, SearchResult, run_search, storage
 
 
