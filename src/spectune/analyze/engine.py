@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from spectune import _memory
+from spectune._progress import Bar
 from spectune.analyze import compute, crosslayer, powerlaw, spectral, tailfit
 from spectune.analyze.config import AnalysisConfig
 from spectune.analyze.distributed import Ranks, assign, band, cost
@@ -127,10 +128,11 @@ class _Run:
         timings: dict[str, float] = {}
         rank0 = self.ranks is None or self.ranks.rank == 0
         label = self.source.identity + (f" (rank 0 of {self.ranks.world})" if self.ranks else "")
-        with _progress(self.cfg.progress and rank0, len(mine), label) as advance:
+        short = label if len(label) <= 40 else "..." + label[-37:]
+        with Bar(self.cfg.progress and rank0, len(mine), short, prefix="[bold]analyze[/] ") as bar:
             t, cpu = time.perf_counter(), time.process_time()
             for group in by_shape(mine):
-                self._group(group, advance, products=self.ranks is None)
+                self._group(group, bar.advance, products=self.ranks is None)
                 _memory.release_free_heap()
             timings["spectra_s"] = time.perf_counter() - t
             # CPU seconds tell how evenly ranks shared the work even when other jobs slow the wall clock
@@ -447,32 +449,3 @@ class _Run:
         self.rows[name]["note"] = note
         if status in ("nonfinite", "unreadable"):
             warnings.warn(f"{name}: {status}: {note}", stacklevel=3)
-
-
-class _progress:
-    """A rich progress bar over matrices (a no-op when disabled)."""
-
-    def __init__(self, enabled: bool, total: int, label: str) -> None:
-        self.enabled, self.total, self.label = enabled, total, label
-        self._bar: Any = None
-
-    def __enter__(self) -> Any:
-        if not self.enabled:
-            return lambda n=1: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._bar = Progress(
-            TextColumn("[bold]analyze[/] {task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            transient=False,
-        )
-        self._bar.__enter__()
-        short = self.label if len(self.label) <= 40 else "..." + self.label[-37:]
-        task = self._bar.add_task(short, total=self.total)
-        return lambda n=1: self._bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)

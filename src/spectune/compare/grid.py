@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+from rich.markup import escape
 
 from spectune import _claim, _io, _memory
 from spectune._config import first_difference
+from spectune._progress import Bar
 from spectune.compare.config import CompareConfig, cell_config, cell_dir
 
 RESULTS = "results"  # results.parquet and results.csv in the output folder
@@ -244,17 +246,18 @@ def run_grid(cfg: CompareConfig, progress: bool = True,
     _io.write_text(out / "compare.yaml", config_yaml(cfg))
     todo = cells(cfg)
     rows: dict[Cell, dict[str, Any]] = {}
-    bar = _Progress(len(todo)) if progress else None
+    bar = Bar(progress, len(todo), "grid")
 
     def finish(cell: Cell, row: dict[str, Any]) -> None:
         rows[cell] = row
         save_results(tidy([rows[c] for c in todo if c in rows]), out)
         if on_cell is not None:
             on_cell(cell, row)
-        if bar is not None:
-            bar.done(row)
+        if row.get("status") == "failed":  # names and errors are printed literally: a path may look like markup
+            bar.note("[red]failed[/red] " + escape(f"{row['task']} / {row['method']} / seed {row['seed']}: {row['error']}"))
+        bar.advance()
 
-    try:
+    with bar:
         pending = list(todo)
         while pending:
             others = []
@@ -271,8 +274,7 @@ def run_grid(cfg: CompareConfig, progress: bool = True,
                 if not _finished(cfg, cell) and not _claim.try_claim(claim, cfg.stale_after_s):
                     others.append(cell)  # another process trains it; read it when it is done
                     continue
-                if bar is not None:
-                    bar.start(cell)
+                bar.describe(f"[bold]{escape(cell.label)}")
                 try:
                     with _claim.Heartbeat(lambda: _claim.touch(claim), _claim.beat_every(cfg.stale_after_s)):
                         finish(cell, run_cell(cfg, cell, values))
@@ -288,9 +290,6 @@ def run_grid(cfg: CompareConfig, progress: bool = True,
             pending = [c for c in others if c not in rows] if wait and train else []
             if pending and len(pending) == len(others) and not ready:
                 time.sleep(5)
-    finally:
-        if bar is not None:
-            bar.stop()
     return tidy([rows[c] for c in todo if c in rows])
 
 
@@ -307,29 +306,3 @@ def config_yaml(cfg: CompareConfig) -> str:
     import yaml
 
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-class _Progress:
-    """One overall bar over the cells (the per-cell Trainer bars are off in a grid)."""
-
-    def __init__(self, total: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        self.task = self.p.add_task("grid", total=total)
-        self.p.start()
-
-    def start(self, cell: Cell) -> None:
-        from rich.markup import escape
-
-        self.p.update(self.task, description=f"[bold]{escape(cell.label)}")
-
-    def done(self, row: dict[str, Any]) -> None:
-        from rich.markup import escape
-
-        if row.get("status") == "failed":  # names and errors are printed literally: a path may look like markup
-            self.p.console.print("[red]failed[/red] " + escape(f"{row['task']} / {row['method']} / seed {row['seed']}: {row['error']}"))
-        self.p.advance(self.task)
-
-    def stop(self) -> None:
-        self.p.stop()
