@@ -61,6 +61,11 @@ def load_model(cls: type[M], source: str | Path | dict[str, Any], overrides: lis
         raise ConfigError(f"{where} is not a valid {what}:\n  " + "\n  ".join(lines)) from None
 
 
+def to_yaml(model: BaseModel, **dump: Any) -> str:
+    """A config as the YAML a person reads and diffs: JSON-mode values, fields in declaration order."""
+    return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False, **dump)
+
+
 def first_difference(old: str, new: str) -> str:
     """The first dotted key (sorted) whose value differs between two YAML configs, as ``key: was X, now Y``."""
 

@@ -23,7 +23,7 @@ import pandas as pd
 from rich.markup import escape
 
 from spectune import _claim, _io, _memory
-from spectune._config import first_difference
+from spectune._config import first_difference, to_yaml
 from spectune._progress import Bar
 from spectune.compare.config import CompareConfig, cell_config, cell_dir
 
@@ -303,6 +303,4 @@ def _finished(cfg: CompareConfig, cell: Cell) -> bool:
 
 
 def config_yaml(cfg: CompareConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return to_yaml(cfg)

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spectune import _io
+from spectune._config import to_yaml
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -142,7 +143,7 @@ class Plan(_Strict):
     # -- files ---------------------------------------------------------------------------
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, width=120)
+        return to_yaml(self, width=120)
 
     def save(self, path: str | Path) -> Path:
         return _io.write_text(path, self.to_yaml())

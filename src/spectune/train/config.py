@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from spectune._config import ConfigError, apply_overrides, load_model  # noqa: F401  (re-exported)
+from spectune._config import ConfigError, apply_overrides, load_model, to_yaml  # noqa: F401  (re-exported)
 
 from spectune.train.data import DataConfig
 from spectune.train.methods import MethodConfig, kind_problem, merge_problem, plan_problem
@@ -195,7 +195,7 @@ class TrainConfig(_Section):
         return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return to_yaml(self)
 
 
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
