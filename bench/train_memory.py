@@ -40,9 +40,14 @@ What is measured, in the child:
   other_load_cores  cores other processes kept busy during the row (/proc/stat minus this
                  process, as bench/train_overhead.py measures it): the machine is shared
 
+MiniLM (``--models minilm``) trains on TREC questions instead, through the classification recipe
+(the eval row is causal-LM only); the TREC bake-off's setting is ``--batch-size 16 --max-length 48``.
+
 Usage:
   .venv/bin/python bench/train_memory.py                                  # both models, every row
   .venv/bin/python bench/train_memory.py --models smollm2-135m --rows full lora-r8 lisa
+  .venv/bin/python bench/train_memory.py --models minilm --rows full lora-r8 lisa galore-r64 \
+      --batch-size 16 --max-length 48 --out bench/results/train_memory_minilm.json
 Results: a markdown table on stdout and bench/results/train_memory.json.
 """
 
@@ -85,12 +90,18 @@ ADAMW_BYTES = 12  # gradient + two fp32 moments a parameter: what training a par
 # ------------------------------------------------------------------------------------- child side
 
 
+# the built-in data each model trains on here: the causal LMs on plain text, the encoder on 256 TREC questions
+# (the bake-off's training set)
+DATA = {"minilm": "trec"}
+
+
 def _config(model: str, row: dict[str, Any], opts: dict[str, Any], out: str) -> Any:
     from spectune.train.config import load_config
 
     return load_config({
         "model": {"name": model, "max_length": opts["max_length"]},
-        "data": {"name": "shakespeare", "max_examples": 16, "max_eval_examples": 4, "seed": 0},
+        "data": {"name": DATA.get(model, "shakespeare"), "max_examples": 256 if model in DATA else 16,
+                 "max_eval_examples": 4, "seed": 0},
         "method": row.get("method", {"kind": "full"}),
         "plan": row.get("plan", {"policy": None, "replan": "never"}),
         "train": {"max_steps": opts["steps"], "batch_size": opts["batch_size"], "lr": 1e-5, "seed": 0},
@@ -247,6 +258,9 @@ def _child_eval(model: str, opts: dict[str, Any]) -> dict[str, Any]:
 
 def child(model: str, row_name: str, opts: dict[str, Any], out: str) -> None:
     import torch
+
+    if row_name == "eval" and model in DATA:
+        raise SystemExit(f"the eval row reads causal-LM batches; {model} trains on {DATA[model]}")
 
     torch.set_num_threads(opts["threads"])
     rec = _child_eval(model, opts) if row_name == "eval" else _child_train(model, ROWS[row_name], opts)
