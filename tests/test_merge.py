@@ -8,10 +8,12 @@ plain transformers. fp32 throughout, so the two agree within 1e-4.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 from typer.testing import CliRunner
 
 from spectune.cli import app
@@ -129,9 +131,69 @@ def test_a_kind_that_cannot_merge_is_refused_in_one_line(assets, tmp_path):  # t
     with pytest.raises(MergeError, match="kind prompt_tuning cannot be merged") as err:
         export_merged(run_dir, tmp_path / "merged")
     assert "\n" not in str(err.value) and not (tmp_path / "merged").exists()
-    # an init that rewrote the base (W_res = W - scaling B0 A0): its adapter does not belong to the checkpoint
-    for init in ("pissa_niter_4", "olora", "milora", "corda"):
-        with pytest.raises(TrainConfigError, match=f"output.merge: method.init={init} rewrote the frozen base"):
-            load_config({**base, "method": {"kind": "lora", "init": init}, "output": {"merge": True}})
+    # an init that rewrote the base where the adapter cannot be carried over to the checkpoint
+    for method in ({"kind": "dora", "init": "pissa_niter_4"}, {"kind": "lora", "init": "loftq"}):
+        with pytest.raises(TrainConfigError, match=f"output.merge: method.init={method['init']} rewrote the frozen base"):
+            load_config({**base, "method": method, "output": {"merge": True}})
     result = CliRunner().invoke(app, ["export", str(tmp_path / "nowhere"), "--merged", str(tmp_path / "m")])
     assert result.exit_code == 2 and "not a spectune run folder" in result.output
+
+
+class Logits(TrainerCallback):
+    """The trained model's logits on a batch as the run ends, before anything is saved: what the layers computed."""
+
+    def __init__(self, batch: dict) -> None:
+        self.batch, self.logits = batch, None
+
+    def on_train_end(self, args, state, control, model=None, **kw):  # type: ignore[no-untyped-def]
+        model.eval()
+        with torch.no_grad():
+            self.logits = model(**self.batch).logits.float().clone()
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_4", "olora", "milora", "corda", "lora_ga"])
+def test_a_base_rewriting_init_saves_an_adapter_over_the_checkpoint_and_merges(assets, tmp_path, init):  # type: ignore[no-untyped-def]
+    """final/ is B A - B0 A0 at rank 2r: over the unchanged checkpoint it computes what training ended with."""
+    task, out = "causal_lm", tmp_path / "run"
+    probe = Logits(_batch(assets / "llama"))
+    cfg = load_config({
+        "model": {"name": str(assets / "llama"), "max_length": 16},
+        "data": {"path": str(assets / "lm.jsonl"), "seed": 0}, "method": {"kind": "lora", "r": 4, "init": init},
+        "train": {"max_steps": 3, "batch_size": 8, "lr": 1e-2, "seed": 0},
+        "eval": {"every": "no", "batch_size": 32, "final_splits": []},
+        "output": {"dir": str(out), "save_every": "no", "merge": True},
+        "logging": {"tensorboard": False, "progress": False, "track_metrics": []},
+    })
+    run(cfg, extra_callbacks=[probe])
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 32, True)  # r 4, alpha 16 before
+    assert json.loads((out / "final" / "converted_from_init.json").read_text())["init"] == init
+    batch = probe.batch
+    adapted, merged = _adapted_logits(out, task, batch), _plain_logits(out / "merged", task, batch)
+    assert torch.allclose(adapted, probe.logits, atol=1e-4, rtol=0), (adapted - probe.logits).abs().max()
+    assert torch.allclose(merged, probe.logits, atol=1e-4, rtol=0), (merged - probe.logits).abs().max()
+    # and the training moved it: the equality is not the checkpoint's with itself
+    assert not torch.allclose(_plain_logits(assets / "llama", task, batch), probe.logits, atol=1e-3)
+    # a run trained before adapters were converted holds one over W_res: refused, not merged wrong
+    (out / "final" / "converted_from_init.json").unlink()
+    with pytest.raises(MergeError, match=f"method.init={init} rewrote the frozen base"):
+        export_merged(out, tmp_path / "again")
+
+
+def test_difference_factors_multiply_to_the_trained_minus_the_initial_product():
+    from spectune.train.methods.lora_convert import difference_factors, doubled_config
+
+    g = torch.Generator().manual_seed(0)
+    a, a0, b, b0 = (torch.randn(s, generator=g) for s in [(3, 7), (3, 7), (5, 3), (5, 3)])
+    names = {"m.lora_A.weight": a, "m.lora_B.weight": b}
+    out = difference_factors({**names, "head.weight": torch.ones(2)}, {"m.lora_A.weight": a0, "m.lora_B.weight": b0})
+    assert set(out) == set(names)
+    assert torch.allclose(out["m.lora_B.weight"] @ out["m.lora_A.weight"], b @ a - b0 @ a0, atol=1e-5)
+    with pytest.raises(ValueError, match="lacks 1 of the initial factors"):
+        difference_factors({"m.lora_A.weight": a}, {"m.lora_A.weight": a0, "m.lora_B.weight": b0})
+    doubled = doubled_config({"r": 4, "lora_alpha": 8, "rank_pattern": {"q": 2}, "alpha_pattern": {"q": 4},
+                              "init_lora_weights": "corda", "corda_config": {"x": 1}})
+    assert (doubled["r"], doubled["lora_alpha"], doubled["rank_pattern"], doubled["alpha_pattern"]) == (8, 16, {"q": 4}, {"q": 8})
+    assert doubled["init_lora_weights"] is True and doubled["corda_config"] is None
+    rs = doubled_config({"r": 4, "lora_alpha": 8, "use_rslora": True})
+    assert rs["lora_alpha"] / rs["r"] ** 0.5 == pytest.approx(8 / 4 ** 0.5)  # rsLoRA's scaling alpha / sqrt(r) kept

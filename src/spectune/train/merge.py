@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from spectune.train.config import TrainConfig, load_config, stored_config_yaml
-from spectune.train.methods import merge_problem
+from spectune.train.methods import lora_convert, merge_problem
 
 
 class MergeError(ValueError):
@@ -74,6 +74,10 @@ def merged_model(run_dir: Path, task: str | None = None) -> tuple[torch.nn.Modul
         cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
         return cls.from_pretrained(str(final), dtype=torch.float32), AutoTokenizer.from_pretrained(str(final))
     problem = merge_problem(cfg.method)
+    init = str(getattr(cfg.method, "init", "default"))
+    if not problem and lora_convert.rewrites_base(init) and not (final / lora_convert.CONVERTED).exists():
+        problem = (f"method.init={init} rewrote the frozen base, and {final} holds the adapter over that rewritten "
+                   "base (trained before spectune converted such adapters): retrain, or load it with peft over W_res")
     if problem:
         raise MergeError(problem)
     tok = AutoTokenizer.from_pretrained(str(final))

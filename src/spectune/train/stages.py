@@ -25,7 +25,7 @@ from spectune.train.checkpoints import CheckpointError, MarkComplete, last_check
 from spectune.train.config import TrainConfig
 from spectune.train.data import TextSplits, load_data
 from spectune.train.finish import final_metrics, generalization_gaps
-from spectune.train.methods import METHODS, BuildContext, build_context, count_trainable
+from spectune.train.methods import METHODS, BuildContext, build_context, count_trainable, lora_convert
 from spectune.train.recipes import TrainerParts
 from spectune.train.run_folder import check_run_dir, earlier_changes, required_state
 from spectune.train.switch import SwitchAdapters, inject_switch_adapters
@@ -293,6 +293,8 @@ def save(cfg: TrainConfig, built: Any, tok: Any, switchable: SwitchAdapters | No
         switchable.tuner.merge_and_unload()
     built.save_model(str(run.run_dir / "final"))  # rank 0 writes; every rank must call it (FSDP/DeepSpeed gather)
     if run.main:
+        if (run.run_dir / lora_convert.INITIAL).exists():  # a base-rewriting init: final/ as an adapter over W
+            lora_convert.convert_final(run.run_dir / "final", run.run_dir, str(getattr(cfg.method, "init", "")))
         tok.save_pretrained(str(run.run_dir / "final"))
         if cfg.output.merge:
             from spectune.train.merge import export_merged

@@ -6,7 +6,6 @@ subclasses); ``training_arguments`` turns a config into the Trainer's arguments.
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Iterator

@@ -15,7 +15,7 @@ from pydantic import Field
 from spectune.plan import Plan
 from spectune.train.methods import adalora, bitfit, frozen, full, ia3, lora, prompt_tuning, qlora
 from spectune.train.methods import galore, lisa, mezo  # the memory-efficient full-parameter family
-from spectune.train.methods import lora_init
+from spectune.train.methods import lora_convert
 from spectune.train.methods import (boft, fourierft, hra, loha, lokr, miss, oft, p_tuning,  # PEFT tuners, SVFT
                                     prefix_tuning, randlora, svft, vera)
 from spectune.train.methods.base import (HEAD_NAMES, RANKS, RATES, TRAINABLE, BuildContext, Method, MethodBase,
@@ -87,10 +87,10 @@ def merge_problem(cfg: MethodBase, where: str = "method.kind") -> str | None:
         return (f"{where}: kind {cfg.kind} cannot be merged into the base weights ({spec.trains} are not weight "  # type: ignore[attr-defined]
                 "changes); keep the adapter folder and load it with peft")
     init = str(getattr(cfg, "init", "default"))
-    if init.startswith("pissa") or init in ("olora", *lora_init.BASE_REWRITING):
-        return (f"{where}: method.init={init} rewrote the frozen base at the start of training (W - scaling B0 A0), "
-                "and the adapter in final/ belongs to that base, not to the checkpoint; merging is not supported "
-                "for it yet (load final/ with peft over the rewritten base, or train with init default)")
+    if lora_convert.rewrites_base(init) and not lora_convert.convertible(init, dora=cfg.kind == "dora"):
+        return (f"{where}: method.init={init} rewrote the frozen base at the start of training under kind {cfg.kind}, "
+                "and its adapter cannot be expressed over the checkpoint (LoftQ's base is quantized; DoRA's "
+                "magnitudes come from the rewritten base); keep final/ with its base, or train with init default")
     return None
 
 
