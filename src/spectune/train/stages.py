@@ -287,6 +287,8 @@ def save(cfg: TrainConfig, built: Any, tok: Any, switchable: SwitchAdapters | No
     """final/: the trained model or adapter with its tokenizer (a switched run's adapters merged into their bases);
     with ``output.merge`` also merged/, a plain model folder read back from final/."""
     if not cfg.output.save_final:
+        if run.main:  # B0 and A0 are kept only to convert final/
+            (run.run_dir / lora_convert.INITIAL).unlink(missing_ok=True)
         return
     if switchable is not None:
         # final/ is a plain model: every adapter merged into its base weight (W + BA), names as before
