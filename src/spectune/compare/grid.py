@@ -32,9 +32,8 @@ FAILED_FILE = "failed.json"
 # Identity columns first, then what a reader looks for; metric columns follow in sorted order.
 ID_COLUMNS = ["task", "method", "seed", "status", "task_type", "method_kind", "policy"]
 COST_COLUMNS = ["mean_lr_scale", "trainable_parameters", "trainable_parameters_active", "trainable_parameters_end",
-                "total_parameters",
-                "optimizer_state_parameters", "optimizer_state_mb", "wall_time_s", "train_runtime_s", "seconds_per_step",
-                "analysis_time_s", "peak_memory_mb", "peak_gpu_memory_mb", "global_step"]
+                "total_parameters", "optimizer_state_parameters", "optimizer_state_mb", "wall_time_s", "train_runtime_s",
+                "seconds_per_step", "analysis_time_s", "peak_memory_mb", "peak_gpu_memory_mb", "global_step"]
 ADAPTER_CONFIG = "adapter_config.json"  # a PEFT cell's adapter config as trained (what --export-best hands out)
 
 

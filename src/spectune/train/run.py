@@ -58,7 +58,7 @@ def run(cfg: TrainConfig, resume: bool = False, extra_callbacks: list[Any] | Non
     # finish: evaluate every final split once, save, summarise
     results, evaluation = stages.evaluate(trainer, cfg, inputs, train_out, hooks, start)
     counts = (*counts, count_trainable(model)[0])  # before save merges a switched run's adapters
-    stages.save(cfg, trainer, tok, switchable, start, task)
+    stages.save(cfg, trainer, tok, switchable, start, task, ctx)
     summary = stages.summary(cfg, start, trainer, train_out, hooks, task, counts, results, evaluation, splits,
                              skipped, cache)
     return RunResult(run_dir=start.run_dir, metrics=results, plans=summary["plans"])

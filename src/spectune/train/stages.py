@@ -283,20 +283,20 @@ def evaluate(built: Any, cfg: TrainConfig, inputs: dict[str, Any], train_out: An
     return results, evaluation
 
 
-def save(cfg: TrainConfig, built: Any, tok: Any, switchable: SwitchAdapters | None, run: Start, task: str) -> None:
-    """final/: the trained model or adapter with its tokenizer (a switched run's adapters merged into their bases);
-    with ``output.merge`` also merged/, a plain model folder read back from final/."""
+def save(cfg: TrainConfig, built: Any, tok: Any, switchable: SwitchAdapters | None, run: Start, task: str,
+         ctx: BuildContext) -> None:
+    """final/: the trained model or adapter with its tokenizer (a switched run's adapters merged into their bases;
+    a base-rewriting init's adapter converted to one over the checkpoint); with ``output.merge`` also merged/, a
+    plain model folder read back from final/."""
     if not cfg.output.save_final:
-        if run.main:  # B0 and A0 are kept only to convert final/
-            (run.run_dir / lora_convert.INITIAL).unlink(missing_ok=True)
         return
     if switchable is not None:
         # final/ is a plain model: every adapter merged into its base weight (W + BA), names as before
         switchable.tuner.merge_and_unload()
     built.save_model(str(run.run_dir / "final"))  # rank 0 writes; every rank must call it (FSDP/DeepSpeed gather)
     if run.main:
-        if (run.run_dir / lora_convert.INITIAL).exists():  # a base-rewriting init: final/ as an adapter over W
-            lora_convert.convert_final(run.run_dir / "final", run.run_dir, str(getattr(cfg.method, "init", "")))
+        if lora_convert.INITIAL in ctx.notes:  # a base-rewriting init: final/ as an adapter over W
+            lora_convert.convert_final(run.run_dir / "final", ctx.notes[lora_convert.INITIAL], str(cfg.method.init))
         tok.save_pretrained(str(run.run_dir / "final"))
         if cfg.output.merge:
             from spectune.train.merge import export_merged

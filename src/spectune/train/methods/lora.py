@@ -12,7 +12,6 @@ LoRA+ or LoRA-FA over the plan's groups; ``lora_optim``).
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Literal
 
@@ -124,9 +123,8 @@ def build(model: torch.nn.Module, cfg: LoraFamilyConfig, ctx: BuildContext) -> t
     every A frozen from the start, so the trainable counts and the plan's groups hold B alone."""
     model = lora_init.initialise(model, lora_config(model, cfg, ctx), cfg.init, ctx, cfg.init_batches,
                                  lambda m, config: wrap(m, config, ctx))
-    if ctx.run_dir is not None and lora_convert.convertible(cfg.init, dora=cfg.kind == "dora") \
-            and os.environ.get("RANK", "0") == "0":
-        lora_convert.save_initial(model, ctx.run_dir)  # B0, A0: final/ is converted to an adapter over W at the end
+    if lora_convert.convertible(cfg.init, dora=cfg.kind == "dora"):
+        ctx.notes[lora_convert.INITIAL] = lora_convert.lora_factors(model)  # B0, A0: to convert final/ at the end
     if cfg.optimizer == "lorafa":
         for name, p in model.named_parameters():
             if ".lora_A." in name:

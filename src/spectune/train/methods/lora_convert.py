@@ -13,8 +13,9 @@ rsLoRA, where s = alpha / sqrt(r), by sqrt 2). This is peft's own conversion
 ``subtract_mutated_init``), done here on the saved files so that the rest of the adapter
 (a classification head under ``modules_to_save``), which peft's conversion drops, is kept.
 
-The run saves B0 and A0 right after the init (``INITIAL``, in the run folder) and
-rewrites final/ when it ends; ``CONVERTED`` in final/ says it was. final/ then loads with
+The build keeps a CPU copy of B0 and A0 right after the init (``ctx.notes[INITIAL]``: a
+resumed run builds again from the checkpoint's W, so it holds the factors its own W_res
+came from) and the run rewrites final/ when it ends; ``CONVERTED`` in final/ says it was. final/ then loads with
 ``PeftModel.from_pretrained`` over the unchanged checkpoint and merges like any LoRA run.
 LoftQ is not converted: its base is the NF4 round trip of W, not W minus the adapter, so
 W + s (B A - B0 A0) is only approximately what it trained.
@@ -32,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from spectune import _io
 
-INITIAL = "initial_adapter.safetensors"  # in the run folder: B0 and A0 as peft names them in a saved adapter
+INITIAL = "initial_lora_factors"  # BuildContext.notes key: B0 and A0 as peft names them in a saved adapter
 CONVERTED = "converted_from_init.json"  # in final/: the init the adapter was converted from, and its rank then
 SAFETENSORS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -57,13 +58,6 @@ def lora_factors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     state = get_peft_model_state_dict(model)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
-
-
-def save_initial(model: torch.nn.Module, run_dir: Path) -> Path:
-    """B0 and A0 as the init left them, before any step (``INITIAL`` in the run folder)."""
-    with _io.atomic_path(run_dir / INITIAL) as tmp:
-        save_file(lora_factors(model), str(tmp))
-    return run_dir / INITIAL
 
 
 def difference_factors(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -94,11 +88,12 @@ def doubled_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def convert_final(final: Path, run_dir: Path, init: str) -> None:
-    """Rewrite final/'s adapter as the standard one over the checkpoint (module docstring); each file atomically."""
+def convert_final(final: Path, initial: dict[str, torch.Tensor], init: str) -> None:
+    """Rewrite final/'s adapter as the standard one over the checkpoint, from the ``initial`` factors (module
+    docstring); each file atomically."""
     config = json.loads((final / CONFIG).read_text())
     trained = load_file(str(final / SAFETENSORS))
-    converted = {**trained, **difference_factors(trained, load_file(str(run_dir / INITIAL)))}
+    converted = {**trained, **difference_factors(trained, initial)}
     with _io.atomic_path(final / SAFETENSORS) as tmp:
         save_file(converted, str(tmp), metadata={"format": "pt"})
     _io.write_text(final / CONFIG, json.dumps(doubled_config(config), indent=2, sort_keys=True))
